@@ -1,0 +1,31 @@
+# Two commands on a fresh clone: `make run` (the default job) and `make test` (the whole suite).
+# Both create .venv if it is missing and install kdexp with its extras into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,sweep]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/kdexp $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check kdexp tests bench
+	$(BIN)/ruff format --check kdexp tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/data_path.py
+
+clean:
+	rm -rf $(VENV) outputs/runs outputs/multirun

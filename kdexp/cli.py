@@ -1,0 +1,64 @@
+"""The ``kdexp`` command (also ``python -m kdexp``): a Hydra app around :func:`kdexp.run.run`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from kdexp.errors import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="pkg://kdexp.conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Run one job. Errors print one line, not a traceback, and exit non-zero.
+
+    A config mistake (:class:`ConfigError`) exits with status 2 and removes the files Hydra wrote
+    for the job, so nothing half-written is left. Any other error exits with status 1 and keeps
+    its traceback in ``<output dir>/traceback.txt``; ``HYDRA_FULL_ERROR=1`` shows it instead.
+    """
+    from kdexp.run import run  # imported here so that `kdexp --help` stays fast
+
+    try:
+        return run(cfg)
+    except ConfigError as error:
+        print(f"kdexp: error: {error}", file=sys.stderr, flush=True)
+        _remove_job_files()
+        sys.exit(2)
+    except Exception as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        where = _output_dir() / "traceback.txt"
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text(traceback.format_exc())
+        print(
+            f"kdexp: error: {type(error).__name__}: {error}\nkdexp: traceback in {where}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
+
+
+def _output_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _remove_job_files() -> None:
+    """Delete what Hydra wrote for a job that stopped before it began: .hydra/ and the log."""
+    folder = _output_dir()
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    (folder / f"{HydraConfig.get().job.name}.log").unlink(missing_ok=True)
+    try:
+        folder.rmdir()  # only when nothing else is in it
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

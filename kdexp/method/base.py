@@ -1,0 +1,56 @@
+"""The protocol through which a compression method plugs into the one training loop.
+
+The loop (:func:`kdexp.train.fit`) never branches on a method's name. It calls, in order:
+
+1. ``method = Method(data=..., criterion=...)`` (the yaml is a ``_partial_``; runtime objects are
+   passed at call time), then ``model = method.prepare(model)``: a method may wrap or transform the
+   model (insert fake quantizers, register feature hooks, load a teacher).
+2. Per step: ``method.loss(inputs, targets, logits)`` returns named loss terms; the loop sums them,
+   back-propagates and logs each as ``train/loss_<name>``. After the optimizer step,
+   ``method.after_step(step)`` may update masks or schedules and return metrics to log.
+3. Per epoch: ``method.after_epoch(epoch)`` returns metrics to log (sparsity, for example).
+4. At the end: ``method.finalize(model)`` returns the model to evaluate and save (masks folded,
+   channels removed, weights converted to int8).
+
+A method is an ``nn.Module`` so that its own trainable parts (connectors, regressors, learned
+quantizer scales) are optimised with the model (``method.parameters()``), move with ``.to()``, and
+are saved in checkpoints (``method.state_dict()``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from kdexp.dataset.base import Data
+
+
+class Method(nn.Module):
+    """Plain supervised training; subclasses add loss terms and hooks.
+
+    loss = CE(s, y), with the label smoothing set in the schedule.
+    """
+
+    def __init__(self, *, data: Data, criterion: nn.Module) -> None:
+        super().__init__()
+        self.data = data
+        self.criterion = criterion
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Return the model to train; called once before the optimizer is built."""
+        return model
+
+    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        """Named loss terms for one batch; the loop minimises their sum."""
+        return {"ce": self.criterion(logits, targets)}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Called after each optimizer step (``step`` counts from 0); returns metrics to log."""
+        return {}
+
+    def after_epoch(self, epoch: int) -> dict[str, float]:
+        """Called after each epoch's validation (``epoch`` counts from 0); returns metrics."""
+        return {}
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Return the final model after training (fold masks, shrink, convert)."""
+        return model

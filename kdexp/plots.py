@@ -1,0 +1,27 @@
+"""Plots logged as run artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on clusters and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
+    """Accuracy (train and val) and validation loss against the epoch, saved as a PNG."""
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(9, 3.5))
+    acc.plot(epochs, [h["train/acc1"] for h in history], label="train/acc1")
+    acc.plot(epochs, [h["val/acc1"] for h in history], label="val/acc1")
+    acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    acc.legend()
+    loss.plot(epochs, [h["val/loss"] for h in history], color="tab:red")
+    loss.set(xlabel="epoch", ylabel="loss", title="val/loss")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,70 @@
+"""Model statistics logged at the end of every run: size, sparsity, FLOPs and CPU latency."""
+
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, non-zero parameters); pruning shows up in the second."""
+    tensors = list(model.parameters())
+    total = sum(t.numel() for t in tensors)
+    nonzero = sum(int(torch.count_nonzero(t.detach())) for t in tensors)
+    return total, nonzero
+
+
+def size_bytes(model: nn.Module) -> int:
+    """Bytes of the serialized ``state_dict``, as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``example`` (torch.utils.flop_counter; a MAC counts 2)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(example)
+    return int(counter.get_total_flops())
+
+
+def latency_ms(
+    model: nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3
+) -> float:
+    """Median wall time in ms of ``repeats`` forward calls on ``example`` after ``warmup`` calls."""
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(example)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def model_stats(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int, repeats: int = 20
+) -> dict[str, float]:
+    """The ``model/*`` metrics, measured on a CPU copy in eval mode.
+
+    ``model/latency_ms`` is at batch 1, ``model/latency_ms_batch`` at the run's batch size.
+    """
+    cpu = copy.deepcopy(model).cpu().eval()
+    total, nonzero = count_params(cpu)
+    one = torch.randn(1, *input_shape)
+    batch = torch.randn(batch_size, *input_shape)
+    return {
+        "model/params": total,
+        "model/nonzero_params": nonzero,
+        "model/size_bytes": size_bytes(cpu),
+        "model/flops": flops(cpu, one),
+        "model/latency_ms": latency_ms(cpu, one, repeats),
+        "model/latency_ms_batch": latency_ms(cpu, batch, max(3, repeats // 4)),
+    }

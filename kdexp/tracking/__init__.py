@@ -1,0 +1,7 @@
+"""Experiment tracking: the only package that talks to MLflow.
+
+``conf/tracking/mlflow.yaml`` builds :class:`kdexp.tracking.mlflow.MlflowTracker`;
+``tracking=none`` builds the no-op :class:`kdexp.tracking.base.Tracker`. The run opens exactly one
+tracked run per Hydra job with ``with tracker.run(...)``, which closes it FINISHED, or FAILED when
+the body raises.
+"""

@@ -1,0 +1,36 @@
+"""The tracker interface, and the no-op tracker used by ``tracking=none``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Tracker:
+    """Records nothing. :class:`~kdexp.tracking.mlflow.MlflowTracker` overrides every method."""
+
+    run_id: str | None = None
+
+    def describe(self) -> str:
+        """Where the run's records went, for the last line the CLI prints."""
+        return "nowhere (tracking=none)"
+
+    @contextmanager
+    def run(
+        self, name: str, params: Mapping[str, object], tags: Mapping[str, str]
+    ) -> Iterator[Tracker]:
+        """Open one run for the body of the ``with``; close it FINISHED, or FAILED on error."""
+        yield self
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Record metric values at ``step`` (buffered; see :meth:`flush`)."""
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Add tags to the open run."""
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Store a file, or every file under a folder, with the run."""
+
+    def flush(self) -> None:
+        """Send buffered metrics now."""
