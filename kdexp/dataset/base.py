@@ -1,0 +1,174 @@
+"""What every dataset source returns, and the in-memory batch path they share.
+
+A source (digits, synthetic, torchvision, image folder) is a function that takes its config
+keys plus ``batch_size`` and ``seed`` and returns a :class:`Data`. Sources whose images fit in
+memory hand uint8 or float tensors to :func:`tensor_data`, which normalises once, splits off a
+seeded validation set and batches straight from tensors (:class:`TensorLoader`), with augmentation
+done on whole batches. That avoids a PIL decode and a collate per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdexp.errors import ConfigError
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Data:
+    """Train, validation and test batches of one dataset, ready for the training loop.
+
+    Each split is re-iterable and yields ``(inputs, targets)`` batches; ``len(split)`` is the
+    number of batches in one pass. The training split reshuffles on every pass.
+    """
+
+    train: Iterable[Batch]
+    val: Iterable[Batch]
+    test: Iterable[Batch]
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+class TensorLoader:
+    """Batches from in-memory tensors: seeded shuffling and batch-wise augmentation."""
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        augment: str | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        self.inputs, self.targets = inputs, targets
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.drop_last = drop_last
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.targets)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.targets)
+        order = torch.randperm(n, generator=self._generator) if self.shuffle else None
+        for i in range(len(self)):
+            index = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            if order is None:
+                x, y = self.inputs[index], self.targets[index]
+            else:
+                rows = order[index]
+                x, y = self.inputs[rows], self.targets[rows]
+            if self.augment == "crop_flip":
+                x = crop_flip(x, padding=4, generator=self._generator)
+            elif self.augment == "flip":
+                x = random_flip(x, generator=self._generator)
+            yield x, y
+
+
+def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Mirror each image of a batch left-right with probability 1/2."""
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    if flip.any():
+        x = x.clone()
+        x[flip] = x[flip].flip(-1)
+    return x
+
+
+def crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """The standard CIFAR augmentation on a whole batch: zero-pad, random crop, random flip."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    batch = torch.arange(n)[:, None, None, None]
+    chan = torch.arange(x.shape[1])[None, :, None, None]
+    return random_flip(padded[batch, chan, rows, cols], generator)
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> Tensor:
+    """``(images / scale - mean) / std`` per channel, as float32, for an NCHW tensor."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float() / scale - m) / s
+
+
+def split_indices(
+    n: int, val_size: float | int, split_seed: int, key: str = "dataset.val_size"
+) -> tuple[Tensor, Tensor]:
+    """Seeded (kept, held-out) indices; ``val_size`` is a fraction in (0, 1) or a count below ``n``.
+
+    ``key`` names the config key in the error message.
+    """
+    count = round(val_size * n) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+    if count < 1 or count >= n:
+        raise ConfigError(
+            key,
+            val_size,
+            f"a fraction in (0, 1) or a count in [1, {n}): "
+            f"the set it is taken from holds {n} samples",
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return order[count:], order[:count]
+
+
+def check_classes(num_classes: int, targets: Tensor, where: str) -> None:
+    """Fail when the labels found on disk do not fit ``dataset.num_classes``."""
+    found = int(targets.max()) + 1 if len(targets) else 0
+    if found > num_classes:
+        raise ConfigError(
+            "dataset.num_classes",
+            num_classes,
+            f"the labels in {where} go up to {found - 1}, so at least {found} classes are needed",
+        )
+
+
+def tensor_data(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
+    val_size: float | int,
+    split_seed: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: float = 255.0,
+    augment: str | None = None,
+    eval_batch_size: int | None = None,
+) -> Data:
+    """In-memory :class:`Data` from NCHW image tensors and integer labels."""
+    check_classes(num_classes, torch.cat([train_y, test_y]), "the data")
+    train_x = normalize(train_x, mean, std, scale)
+    test_x = normalize(test_x, mean, std, scale)
+    train_idx, val_idx = split_indices(len(train_y), val_size, split_seed)
+    eval_bs = eval_batch_size or max(batch_size, 256)
+    train_y, test_y = train_y.long(), test_y.long()
+    return Data(
+        train=TensorLoader(
+            train_x[train_idx],
+            train_y[train_idx],
+            batch_size,
+            shuffle=True,
+            augment=augment,
+            seed=seed,
+        ),
+        val=TensorLoader(train_x[val_idx], train_y[val_idx], eval_bs),
+        test=TensorLoader(test_x, test_y, eval_bs),
+        num_classes=num_classes,
+        input_shape=tuple(train_x.shape[1:]),  # type: ignore[arg-type]
+    )
