@@ -47,6 +47,8 @@ FINAL_METRICS = (
 
 def run(cfg: DictConfig) -> float:
     """Train and evaluate the composed config; return the value of ``cfg.objective``."""
+    if "hydra" in cfg:  # composed with return_hydra_config (tests); a job never sees it
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     validate(cfg)
     if cfg.objective not in FINAL_METRICS:
         raise ConfigError("objective", cfg.objective, "one of " + ", ".join(FINAL_METRICS))
@@ -86,8 +88,7 @@ def run(cfg: DictConfig) -> float:
     run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]]).replace(
         "/", "."
     )
-    params_flat = {k: v for k, v in flatten(cfg) if not k.startswith("hydra.")}
-    with tracker.run(run_name, params_flat, _tags(cfg, names, device)):
+    with tracker.run(run_name, dict(flatten(cfg)), _tags(cfg, names, device)):
         result = fit(trained, method, data, optimizer, scheduler, tracker, options)
         if cfg.test_on == "best":
             model.load_state_dict(read_state_dict(options.checkpoint_dir / "best.pt", "test_on"))

@@ -1,0 +1,204 @@
+"""End to end through the real ``kdexp`` entry point, read back from MLflow."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from kdexp.run import run
+from kdexp.train import evaluate
+from tests.conftest import run_cli, tracking_overrides
+
+STEP_METRICS = ["train/loss", "train/loss_ce", "train/lr"]
+EPOCH_METRICS = ["train/acc1", "val/loss", "val/acc1", "val/acc5", "epoch_time_s"]
+FINAL_METRICS = [
+    "best/val_acc1",
+    "test/acc1",
+    "test/acc5",
+    "model/params",
+    "model/nonzero_params",
+    "model/flops",
+    "model/size_bytes",
+    "model/latency_ms",
+    "model/latency_ms_batch",
+]
+
+
+def _runs(db: Path, experiment: str = "kdexp") -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+@pytest.mark.slow
+def test_default_store_holds_run_with_params_metrics_and_artifacts(tmp_path: Path) -> None:
+    done = run_cli(["schedule.epochs=2", "latency_repeats=3", "log_every=5"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    db = tmp_path / "outputs" / "mlflow.db"  # the default store, under the launch directory
+    assert db.is_file()
+    assert not (tmp_path / "mlruns").exists()
+
+    (found,) = _runs(db)
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run_id = found.info.run_id
+    assert found.info.status == "FINISHED"
+    assert found.info.run_name.startswith("baseline-mlp-digits-seed0-")
+    assert found.info.artifact_uri.startswith((tmp_path / "outputs").as_uri())
+
+    params = found.data.params
+    assert params["schedule.epochs"] == "2"
+    assert params["model._target_"] == "kdexp.model.mlp.MLP"
+    assert params["model.num_classes"] == "10"  # resolved, not ${dataset.num_classes}
+    assert params["schedule.optimizer.lr"] == params["schedule.lr"] == "0.05"
+    tags = found.data.tags
+    assert (tags["method"], tags["model"], tags["dataset"], tags["seed"]) == (
+        "baseline",
+        "mlp",
+        "digits",
+        "0",
+    )
+    assert tags["torch_version"] == torch.__version__
+    assert "schedule.epochs=2" in tags["overrides"]
+    assert {"git_commit", "git_dirty", "kdexp_version"} <= tags.keys()
+
+    metrics = found.data.metrics
+    for key in STEP_METRICS + EPOCH_METRICS + FINAL_METRICS:
+        assert key in metrics, key
+    steps_per_epoch = -(-(1438 - 144) // 64)  # 1,438 training images less a 10% val split
+    assert [s for s, _ in _history(client, run_id, "val/acc1")] == [
+        steps_per_epoch,
+        2 * steps_per_epoch,
+    ]
+    assert [s for s, _ in _history(client, run_id, "train/loss")] == list(
+        range(0, 2 * steps_per_epoch, 5)
+    )
+    assert metrics["best/val_acc1"] == max(v for _, v in _history(client, run_id, "val/acc1"))
+    assert metrics["model/params"] == (64 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
+    assert metrics["model/nonzero_params"] <= metrics["model/params"]
+    assert metrics["model/flops"] == 2 * (64 * 256 + 256 * 256 + 256 * 10)
+    assert f"test/acc1 {metrics['test/acc1']:.2f}%" in done.stdout
+    assert run_id in done.stdout
+
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config_resolved.yaml", "hydra", "checkpoints", "learning_curves.png"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "hydra")} >= {
+        "hydra/config.yaml",
+        "hydra/overrides.yaml",
+        "hydra/hydra.yaml",
+    }
+    # The logged best checkpoint reloads with weights_only and reproduces the logged accuracy.
+    local = Path(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path)))
+    state = torch.load(local, weights_only=True)
+    cfg = OmegaConf.load(client.download_artifacts(run_id, "config_resolved.yaml", str(tmp_path)))
+    model = instantiate(cfg.model)
+    model.load_state_dict(state["model"])
+    data = instantiate(cfg.dataset)(batch_size=64, seed=0)
+    assert evaluate(model, data.test, torch.device("cpu"))["acc1"] == pytest.approx(
+        metrics["test/acc1"]
+    )
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics_other_seed_different(tmp_path: Path) -> None:
+    args = ["-m", "seed=1,1,2", "dataset=synthetic", "schedule.epochs=2", "latency_repeats=1"]
+    done = run_cli(args + tracking_overrides(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    runs = _runs(tmp_path / "mlflow.db", "test")
+    assert [r.info.status for r in runs] == ["FINISHED"] * 3
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    by_job = {r.data.tags["job_num"]: r for r in runs}
+    assert len({r.info.run_name for r in runs}) == 3  # unique even with equal seeds
+
+    def curve(run) -> list[tuple[int, float]]:
+        return _history(client, run.info.run_id, "train/loss") + _history(
+            client, run.info.run_id, "val/loss"
+        )
+
+    assert curve(by_job["0"]) == curve(by_job["1"])
+    assert by_job["0"].data.metrics["test/acc1"] == by_job["1"].data.metrics["test/acc1"]
+    assert curve(by_job["0"]) != curve(by_job["2"])
+
+
+@pytest.mark.slow
+def test_joblib_multirun_on_fresh_store_finishes_every_job(tmp_path: Path) -> None:
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2"]
+    args += ["dataset=synthetic", "schedule.epochs=1", "latency_repeats=1"]
+    done = run_cli(args + tracking_overrides(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    runs = _runs(tmp_path / "mlflow.db", "test")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"]
+    assert len({r.data.tags["sweep_dir"] for r in runs}) == 1
+
+
+def test_default_mlp_reaches_95_percent_on_digits(compose_cfg) -> None:
+    cfg = compose_cfg("tracking=none", "objective=test/acc1", "latency_repeats=1")
+    assert cfg.model._target_ == "kdexp.model.mlp.MLP" and cfg.dataset._target_.endswith(
+        "digits.load"
+    )
+    assert run(cfg) >= 95.0
+
+
+BAD_INPUT = {
+    "zero_epochs": (["schedule.epochs=0"], "schedule.epochs=0: a positive integer"),
+    "negative_batch": (["schedule.batch_size=-4"], "schedule.batch_size=-4: a positive integer"),
+    "zero_lr": (["schedule.lr=0"], "schedule.lr=0: a positive number"),
+    "val_too_big": (["dataset.val_size=1438"], "dataset.val_size=1438: a fraction in (0, 1)"),
+    "classes": (["model.num_classes=5"], "model.num_classes=5: the dataset's class count, 10"),
+    "no_checkpoint": (
+        ["checkpoint=missing.pt"],
+        "checkpoint='missing.pt': the path of an existing",
+    ),
+    "no_data": (["dataset=mnist", "dataset.root=nodata"], "dataset.root="),
+    "device": (["device=tpu"], "device='tpu': auto, cpu, cuda, cuda:N or mps"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_exits_with_clear_message_and_no_run(tmp_path: Path, case: str) -> None:
+    overrides, message = BAD_INPUT[case]
+    done = run_cli(overrides + tracking_overrides(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    if case == "no_data":
+        assert str(tmp_path / "nodata") in done.stderr and "dataset.download=true" in done.stderr
+    assert _runs(tmp_path / "mlflow.db", "test") == []
+    left = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert left == []  # Hydra's .hydra/ and log of the job are removed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["other_model", "garbage"])
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "weights.pt"
+    if kind == "other_model":
+        torch.save(torch.nn.Linear(64, 10).state_dict(), path)
+    else:
+        path.write_bytes(b"not a checkpoint at all")
+    done = run_cli([f"checkpoint={path}", *tracking_overrides(tmp_path)], cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"checkpoint='{path}'" in done.stderr
+    expected = "does not fit it: missing: layers" if kind == "other_model" else "torch.load"
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+    assert _runs(tmp_path / "mlflow.db", "test") == []
+
+
+@pytest.mark.slow
+def test_unknown_group_option_lists_the_choices(tmp_path: Path) -> None:
+    done = run_cli(["model=resnet9000"], cwd=tmp_path)
+    assert done.returncode == 1
+    assert re.search(r"Could not find 'model/resnet9000'", done.stderr)
+    assert "resnet8x4" in done.stderr  # Hydra lists the available options
