@@ -77,7 +77,7 @@ def flatten(
     """Yield ``(dotted.key, value)`` for every leaf of a resolved config."""
     if isinstance(cfg, DictConfig):
         for key, value in cfg.items():
-            yield from flatten(value, f"{prefix}{key}.")
+            yield from flatten(value, prefix + str(key) + ".")
     elif isinstance(cfg, ListConfig) and any(isinstance(v, (DictConfig, ListConfig)) for v in cfg):
         for i, value in enumerate(cfg):
             yield from flatten(value, f"{prefix}{i}.")

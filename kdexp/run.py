@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ FINAL_METRICS = (
 def run(cfg: DictConfig) -> float:
     """Train and evaluate the composed config; return the value of ``cfg.objective``."""
     if "hydra" in cfg:  # composed with return_hydra_config (tests); a job never sees it
-        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
     validate(cfg)
     if cfg.objective not in FINAL_METRICS:
         raise ConfigError("objective", cfg.objective, "one of " + ", ".join(FINAL_METRICS))
@@ -65,7 +66,8 @@ def run(cfg: DictConfig) -> float:
     method.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    trained = torch.compile(model) if cfg.compile else model
+    # torch.compile of a Module returns an OptimizedModule, itself a Module.
+    trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = instantiate(cfg.schedule.optimizer)(params=params)
     scheduler = instantiate(cfg.schedule.scheduler)(
@@ -74,6 +76,7 @@ def run(cfg: DictConfig) -> float:
         steps_per_epoch=len(data.train),  # type: ignore[arg-type]
     )
     out_dir = _output_dir()
+    checkpoint_dir = out_dir / "checkpoints"
     options = LoopOptions(
         epochs=cfg.schedule.epochs,
         device=device,
@@ -81,7 +84,7 @@ def run(cfg: DictConfig) -> float:
         amp=cfg.amp,
         channels_last=cfg.channels_last and device.type == "cuda",
         log_every=cfg.log_every,
-        checkpoint_dir=out_dir / "checkpoints",
+        checkpoint_dir=checkpoint_dir,
     )
     names = _names(cfg)
     tracker = instantiate(cfg.tracking)
@@ -91,7 +94,7 @@ def run(cfg: DictConfig) -> float:
     with tracker.run(run_name, dict(flatten(cfg)), _tags(cfg, names, device)):
         result = fit(trained, method, data, optimizer, scheduler, tracker, options)
         if cfg.test_on == "best":
-            model.load_state_dict(read_state_dict(options.checkpoint_dir / "best.pt", "test_on"))
+            model.load_state_dict(read_state_dict(checkpoint_dir / "best.pt", "test_on"))
         model = method.finalize(model)
         test = evaluate(model, data.test, device, criterion)
         final = {

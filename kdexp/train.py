@@ -139,7 +139,6 @@ def fit(
             _save(options.checkpoint_dir, "best.pt", model, epoch, step, val["acc1"])
         _save(options.checkpoint_dir, "last.pt", model, epoch, step, val["acc1"])
         tracker.log_metrics(metrics, step)
-        tracker.flush()
         log.info(
             "epoch %d/%d  loss %.4f  train/acc1 %.2f  val/acc1 %.2f  (%.1fs)",
             epoch + 1,

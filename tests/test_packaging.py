@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.conftest import ROOT
 
@@ -56,8 +56,8 @@ def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, kdexp.cli; print(kdexp.cli.__file__); sys.argv = ['kdexp', '--cfg', 'job']; "
-            "kdexp.cli.main()",
+            "import sys, kdexp.cli; print(kdexp.cli.__file__); "
+            "sys.argv = ['kdexp', '--cfg', 'job']; kdexp.cli.main()",
         ],
         cwd=tmp_path,
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},

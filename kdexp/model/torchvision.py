@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import pickle
 from pathlib import Path
+from typing import cast
 
 import torch
 import torchvision
@@ -17,6 +18,9 @@ from torch import Tensor, nn
 from kdexp.errors import ConfigError
 
 _log = logging.getLogger(__name__)
+
+#: What ``nn.Conv2d`` stores its size arguments as (typed ``tuple[int, ...]`` on the module).
+_Pair = tuple[int, int]
 
 
 def build(
@@ -84,7 +88,8 @@ def _load_weights(
         saved = state.get(key)
         if saved is not None and saved.dim() == 4 and saved.shape[1] == 3:
             state = {**state, key: _grey_filters(saved, own[key].shape[1])}
-    head, misshaped = [], []
+    head: list[str] = []
+    misshaped: list[str] = []
     for key, tensor in state.items():
         if key in own and tensor.shape != own[key].shape:
             (head if _is_head_mismatch(tensor, own[key], num_classes) else misshaped).append(key)
@@ -141,10 +146,10 @@ def _rebuild_first_conv(model: nn.Module, in_channels: int) -> str:
     new = nn.Conv2d(
         in_channels,
         old.out_channels,
-        old.kernel_size,
-        old.stride,
-        old.padding,
-        old.dilation,
+        cast(_Pair, old.kernel_size),
+        cast(_Pair, old.stride),
+        cast("str | _Pair", old.padding),
+        cast(_Pair, old.dilation),
         bias=old.bias is not None,
         padding_mode=old.padding_mode,
     )
