@@ -67,7 +67,11 @@ def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch
     return x, y.to(device, non_blocking=True)
 
 
+_LINE_EVERY_S = 30.0  # where output is not a terminal, a progress line at most this often
+
+
 def _progress(loader: Iterable[Batch], epoch: int, epochs: int) -> Iterable[Batch]:
+    """A progress bar on a terminal; elsewhere (CI, cluster logs) the loader itself."""
     if sys.stderr.isatty():
         return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
     return loader
@@ -91,7 +95,7 @@ def fit(
     device, result = options.device, FitResult()
     scaler = torch.amp.GradScaler("cuda", enabled=options.amp == "fp16" and device.type == "cuda")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    step = 0
+    step, last_line, terminal = 0, time.monotonic(), sys.stderr.isatty()
     for epoch in range(options.epochs):
         model.train()
         method.train()
@@ -119,6 +123,15 @@ def fit(
                 metrics.update({f"train/loss_{k}": v.item() for k, v in terms.items()})
                 tracker.log_metrics({**metrics, **extra}, step)
                 _check_finite(metrics, step)
+                if not terminal and time.monotonic() - last_line >= _LINE_EVERY_S:
+                    last_line = time.monotonic()
+                    log.info(
+                        "epoch %d/%d  step %d  train/loss %.4f",
+                        epoch + 1,
+                        options.epochs,
+                        step,
+                        metrics["train/loss"],
+                    )
             elif extra:
                 tracker.log_metrics(extra, step)
             step += 1
