@@ -3,6 +3,9 @@ flattening of a config into MLflow params."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,10 +47,31 @@ def validate(cfg: DictConfig) -> None:
             f"the dataset's class count, {cfg.dataset.num_classes} (dataset.num_classes); "
             "leave it at ${dataset.num_classes}",
         )
-    if cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().is_file():
+    teacher_classes = OmegaConf.select(cfg, "teacher.num_classes")
+    if teacher_classes is not None and teacher_classes != cfg.dataset.num_classes:
         raise ConfigError(
-            "checkpoint", cfg.checkpoint, "the path of an existing checkpoint file, or null"
+            "teacher.num_classes",
+            teacher_classes,
+            f"the student's and the dataset's class count, {cfg.dataset.num_classes}",
         )
+    for key in ("checkpoint", "teacher_checkpoint"):
+        _check_source(key, OmegaConf.select(cfg, key))
+
+
+def _check_source(key: str, value: object) -> None:
+    """A weights source is null, auto, an existing file, a run id or a runs:/ URI."""
+    if value is None or value == "auto":
+        return
+    text = str(value)
+    if Path(text).expanduser().is_file() or text.startswith("runs:/"):
+        return
+    if re.fullmatch(r"[0-9a-f]{32}", text):
+        return
+    raise ConfigError(
+        key,
+        value,
+        "the path of an existing checkpoint file, an MLflow run id, runs:/<id>, auto, or null",
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,3 +109,27 @@ def flatten(
         yield prefix[:-1], list(cfg)
     else:
         yield prefix[:-1], cfg
+
+
+#: Keys that change how a run is executed or recorded, not what it computes.
+_NOT_HASHED = (
+    "tracking",
+    "device",
+    "log_every",
+    "latency_repeats",
+    "objective",
+    "compile",
+    "channels_last",
+    "hydra",
+)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short, stable hash of everything in ``cfg`` that determines the trained model."""
+    kept = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg, resolve=True).items()  # type: ignore[union-attr]
+        if k not in _NOT_HASHED
+    }
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

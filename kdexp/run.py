@@ -8,6 +8,7 @@ import random
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -15,16 +16,18 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import kdexp
-from kdexp.checkpoint import load_weights, read_state_dict
-from kdexp.config import flatten, resolve_device, validate
+from kdexp.checkpoint import load_weights, read_state_dict, save_checkpoint
+from kdexp.config import config_hash, flatten, resolve_device, validate
 from kdexp.errors import ConfigError
 from kdexp.plots import learning_curves
+from kdexp.pretrained import resolve as resolve_trained
 from kdexp.stats import model_stats
+from kdexp.tracking.base import Tracker
 from kdexp.train import LoopOptions, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -46,24 +49,68 @@ FINAL_METRICS = (
 )
 
 
+@dataclass
+class Job:
+    """Who a run is: group names (run name and tags), its output folder, and extra tags."""
+
+    names: dict[str, str]
+    out_dir: Path
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """What :func:`execute` leaves: the final metrics and the final model's checkpoint."""
+
+    metrics: dict[str, float]
+    final_checkpoint: Path
+    run_id: str | None
+
+
 def run(cfg: DictConfig) -> float:
-    """Train and evaluate the composed config; return the value of ``cfg.objective``."""
+    """The Hydra job: execute the composed config and return the value of ``cfg.objective``."""
     if "hydra" in cfg:  # composed with return_hydra_config (tests); a job never sees it
         cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
+    result = execute(cfg, Job(group_names(cfg), _output_dir(), _hydra_tags()))
+    return float(result.metrics[cfg.objective])
+
+
+def execute(cfg: DictConfig, job: Job) -> RunResult:
+    """Seed, build, train, evaluate and log one run of ``cfg``."""
     validate(cfg)
     if cfg.objective not in FINAL_METRICS:
         raise ConfigError("objective", cfg.objective, "one of " + ", ".join(FINAL_METRICS))
-    seed_everything(cfg.seed, cfg.deterministic)
+    method_class = get_class(cfg.method._target_)
+    uses_teacher = getattr(method_class, "uses_teacher", False)
+    if uses_teacher and "teacher" not in cfg:
+        raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
+    if "teacher" in cfg and not uses_teacher:
+        raise ConfigError(
+            "teacher",
+            job.names.get("teacher", "set"),
+            "only for distillation methods: pick method=distill/<name>, or drop model@teacher",
+        )
     device = resolve_device(cfg.device)
-
+    tracker = instantiate(cfg.tracking)
     data = instantiate(cfg.dataset)(batch_size=cfg.schedule.batch_size, seed=cfg.seed)
-    model: nn.Module = instantiate(cfg.model)
-    if cfg.checkpoint is not None:
-        load_weights(model, cfg.checkpoint, "checkpoint")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.schedule.label_smoothing)
-    method = instantiate(cfg.method)(data=data, criterion=criterion)
-    model = method.prepare(model).to(device)
+
+    seed_everything(cfg.seed, cfg.deterministic)
+    model: nn.Module = instantiate(cfg.model)
+    runtime: dict[str, nn.Module] = {}
+    if uses_teacher:
+        runtime["teacher"] = instantiate(cfg.teacher)
+    # The method checks its settings and layer names here, before any input is trained.
+    method = instantiate(cfg.method)(data=data, criterion=criterion, **runtime)
+    if cfg.checkpoint is not None:
+        weights = _trained_weights(cfg, job, tracker, "checkpoint", cfg.model, job.names["model"])
+        load_weights(model, weights, "checkpoint")
     method.to(device)
+    model = method.prepare(model.to(device))
+    if uses_teacher:
+        name = job.names.get("teacher") or _target_name(cfg.teacher)
+        weights = _trained_weights(cfg, job, tracker, "teacher_checkpoint", cfg.teacher, name)
+        load_weights(runtime["teacher"], weights, "teacher_checkpoint")
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # torch.compile of a Module returns an OptimizedModule, itself a Module.
@@ -75,8 +122,7 @@ def run(cfg: DictConfig) -> float:
         epochs=cfg.schedule.epochs,
         steps_per_epoch=len(data.train),  # type: ignore[arg-type]
     )
-    out_dir = _output_dir()
-    checkpoint_dir = out_dir / "checkpoints"
+    checkpoint_dir = job.out_dir / "checkpoints"
     options = LoopOptions(
         epochs=cfg.schedule.epochs,
         device=device,
@@ -86,16 +132,16 @@ def run(cfg: DictConfig) -> float:
         log_every=cfg.log_every,
         checkpoint_dir=checkpoint_dir,
     )
-    names = _names(cfg)
-    tracker = instantiate(cfg.tracking)
-    run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]]).replace(
-        "/", "."
-    )
-    with tracker.run(run_name, dict(flatten(cfg)), _tags(cfg, names, device)):
+    names = {k: job.names[k] for k in ("method", "model", "dataset")}
+    run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
+    tags = {**_tags(cfg, job.names, device), **job.tags}
+    with tracker.run(run_name.replace("/", "."), dict(flatten(cfg)), tags):
         result = fit(trained, method, data, optimizer, scheduler, tracker, options)
         if cfg.test_on == "best":
             model.load_state_dict(read_state_dict(checkpoint_dir / "best.pt", "test_on"))
         model = method.finalize(model)
+        final_checkpoint = checkpoint_dir / "final.pt"
+        save_checkpoint(final_checkpoint, model)
         test = evaluate(model, data.test, device, criterion)
         final = {
             "best/val_acc1": result.best_val_acc1,
@@ -105,17 +151,34 @@ def run(cfg: DictConfig) -> float:
             "test/acc1": test["acc1"],
             "test/acc5": test["acc5"],
             **model_stats(model, data.input_shape, cfg.schedule.batch_size, cfg.latency_repeats),
+            **method.final_metrics(),
         }
         tracker.log_metrics(final, result.steps)
         tracker.flush()
-        _log_artifacts(tracker, cfg, out_dir, result.history)
+        _log_artifacts(tracker, cfg, job.out_dir, result.history)
     print(
-        f"kdexp: test/acc1 {final['test/acc1']:.2f}%  best/val_acc1 {result.best_val_acc1:.2f}% "
-        f"(epoch {result.best_epoch + 1})\n"
-        f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {out_dir}",
+        f"kdexp: {run_name}: test/acc1 {final['test/acc1']:.2f}%  "
+        f"best/val_acc1 {result.best_val_acc1:.2f}% (epoch {result.best_epoch + 1})\n"
+        f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {job.out_dir}",
         flush=True,
     )
-    return float(final[cfg.objective])
+    return RunResult(final, final_checkpoint, tracker.run_id)
+
+
+def _trained_weights(
+    cfg: DictConfig, job: Job, tracker: Tracker, key: str, model_cfg: DictConfig, name: str
+) -> Path:
+    source = cfg[key] if cfg[key] is not None else "auto"
+    names = {"method": "baseline", "model": name, "dataset": job.names["dataset"]}
+    return resolve_trained(
+        str(source),
+        key=key,
+        model_cfg=model_cfg,
+        names=names,
+        cfg=cfg,
+        tracker=tracker,
+        out_dir=job.out_dir,
+    )
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -136,13 +199,20 @@ def _output_dir() -> Path:
     return Path("outputs", "runs", time.strftime("%Y-%m-%d/%H-%M-%S-") + uuid.uuid4().hex[:6])
 
 
-def _names(cfg: DictConfig) -> dict[str, str]:
+def _target_name(node: DictConfig) -> str:
+    return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def group_names(cfg: DictConfig) -> dict[str, str]:
     """The chosen option of each group (``distill/kd``), or the class name without Hydra."""
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-    return {
-        group: choices.get(group) or str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
+    names = {
+        group: choices.get(group) or _target_name(cfg[group])
         for group in ("method", "model", "dataset")
     }
+    if "teacher" in cfg:
+        names["teacher"] = choices.get("model@teacher") or _target_name(cfg.teacher)
+    return names
 
 
 def _git(*args: str) -> str:
@@ -165,15 +235,22 @@ def _tags(cfg: DictConfig, names: dict[str, str], device: torch.device) -> dict[
         "torch_version": torch.__version__,
         "git_commit": commit or "unknown",
         "git_dirty": str(bool(_git("status", "--porcelain"))).lower() if commit else "unknown",
+        "kdexp.config_hash": config_hash(cfg),
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        tags["overrides"] = " ".join(hc.overrides.task) or "(none)"
-        if hc.mode == RunMode.MULTIRUN:
-            tags["sweep_dir"] = str(Path(hc.sweep.dir).resolve())
-            tags["job_num"] = str(hc.job.num)
+    return tags
+
+
+def _hydra_tags() -> dict[str, str]:
+    """The command-line overrides and, in a multirun, the sweep folder and job number."""
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    tags = {"overrides": " ".join(hc.overrides.task) or "(none)"}
+    if hc.mode == RunMode.MULTIRUN:
+        tags["sweep_dir"] = str(Path(hc.sweep.dir).resolve())
+        tags["job_num"] = str(hc.job.num)
     return tags
 
 
@@ -184,7 +261,7 @@ def _log_artifacts(tracker, cfg: DictConfig, out_dir: Path, history: list[dict])
     tracker.log_artifact(resolved)
     if (out_dir / ".hydra").is_dir():
         tracker.log_artifact(out_dir / ".hydra", "hydra")
-    best = out_dir / "checkpoints" / "best.pt"
-    if best.is_file():
-        tracker.log_artifact(best, "checkpoints")
+    for name in ("best.pt", "final.pt"):
+        if (out_dir / "checkpoints" / name).is_file():
+            tracker.log_artifact(out_dir / "checkpoints" / name, "checkpoints")
     tracker.log_artifact(learning_curves(history, out_dir / "learning_curves.png"))

@@ -42,7 +42,8 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 @pytest.mark.slow
 def test_default_store_holds_run_with_params_metrics_and_artifacts(tmp_path: Path) -> None:
-    done = run_cli(["schedule.epochs=2", "latency_repeats=3", "log_every=5"], cwd=tmp_path)
+    args = ["method=baseline", "schedule.epochs=2", "latency_repeats=3", "log_every=5"]
+    done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     db = tmp_path / "outputs" / "mlflow.db"  # the default store, under the launch directory
     assert db.is_file()
@@ -69,7 +70,7 @@ def test_default_store_holds_run_with_params_metrics_and_artifacts(tmp_path: Pat
     )
     assert tags["torch_version"] == torch.__version__
     assert "schedule.epochs=2" in tags["overrides"]
-    assert {"git_commit", "git_dirty", "kdexp_version"} <= tags.keys()
+    assert {"git_commit", "git_dirty", "kdexp_version", "kdexp.config_hash"} <= tags.keys()
 
     metrics = found.data.metrics
     for key in STEP_METRICS + EPOCH_METRICS + FINAL_METRICS:
@@ -91,6 +92,10 @@ def test_default_store_holds_run_with_params_metrics_and_artifacts(tmp_path: Pat
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config_resolved.yaml", "hydra", "checkpoints", "learning_curves.png"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {
+        "checkpoints/best.pt",
+        "checkpoints/final.pt",
+    }
     assert {a.path for a in client.list_artifacts(run_id, "hydra")} >= {
         "hydra/config.yaml",
         "hydra/overrides.yaml",
@@ -110,7 +115,8 @@ def test_default_store_holds_run_with_params_metrics_and_artifacts(tmp_path: Pat
 
 @pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_different(tmp_path: Path) -> None:
-    args = ["-m", "seed=1,1,2", "dataset=synthetic", "schedule.epochs=2", "latency_repeats=1"]
+    args = ["-m", "seed=1,1,2", "method=baseline", "dataset=synthetic", "schedule.epochs=2"]
+    args += ["latency_repeats=1"]
     done = run_cli(args + tracking_overrides(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     runs = _runs(tmp_path / "mlflow.db", "test")
@@ -132,7 +138,7 @@ def test_same_seed_same_metrics_other_seed_different(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_joblib_multirun_on_fresh_store_finishes_every_job(tmp_path: Path) -> None:
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2"]
-    args += ["dataset=synthetic", "schedule.epochs=1", "latency_repeats=1"]
+    args += ["method=baseline", "dataset=synthetic", "schedule.epochs=1", "latency_repeats=1"]
     done = run_cli(args + tracking_overrides(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     runs = _runs(tmp_path / "mlflow.db", "test")
@@ -142,7 +148,9 @@ def test_joblib_multirun_on_fresh_store_finishes_every_job(tmp_path: Path) -> No
 
 
 def test_default_mlp_reaches_95_percent_on_digits(compose_cfg) -> None:
-    cfg = compose_cfg("tracking=none", "objective=test/acc1", "latency_repeats=1")
+    cfg = compose_cfg(
+        "method=baseline", "tracking=none", "objective=test/acc1", "latency_repeats=1"
+    )
     assert cfg.model._target_ == "kdexp.model.mlp.MLP" and cfg.dataset._target_.endswith(
         "digits.load"
     )

@@ -37,7 +37,11 @@ class Data:
 
 
 class TensorLoader:
-    """Batches from in-memory tensors: seeded shuffling and batch-wise augmentation."""
+    """Batches from in-memory tensors: seeded shuffling and batch-wise augmentation.
+
+    ``last_rows`` holds the row indices of the batch most recently yielded, so that a method can
+    key per-sample state on it (cached teacher outputs, a contrastive memory bank).
+    """
 
     def __init__(
         self,
@@ -53,6 +57,7 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.drop_last = drop_last
         self._generator = torch.Generator().manual_seed(seed)
+        self.last_rows: Tensor | None = None
 
     def __len__(self) -> int:
         n = len(self.targets)
@@ -62,12 +67,14 @@ class TensorLoader:
         n = len(self.targets)
         order = torch.randperm(n, generator=self._generator) if self.shuffle else None
         for i in range(len(self)):
-            index = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            start = i * self.batch_size
             if order is None:
-                x, y = self.inputs[index], self.targets[index]
+                rows = torch.arange(start, min(start + self.batch_size, n))
+                x, y = self.inputs[start : start + self.batch_size], self.targets[rows]
             else:
-                rows = order[index]
+                rows = order[start : start + self.batch_size]
                 x, y = self.inputs[rows], self.targets[rows]
+            self.last_rows = rows
             if self.augment == "crop_flip":
                 x = crop_flip(x, padding=4, generator=self._generator)
             elif self.augment == "flip":

@@ -10,7 +10,10 @@ The loop (:func:`kdexp.train.fit`) never branches on a method's name. It calls, 
    ``method.after_step(step)`` may update masks or schedules and return metrics to log.
 3. Per epoch: ``method.after_epoch(epoch)`` returns metrics to log (sparsity, for example).
 4. At the end: ``method.finalize(model)`` returns the model to evaluate and save (masks folded,
-   channels removed, weights converted to int8).
+   channels removed, weights converted to int8), and ``method.final_metrics()`` adds metrics.
+
+A method that needs a trained teacher sets ``uses_teacher = True`` and takes ``teacher=`` at
+construction; the run builds the teacher from the ``teacher`` config node.
 
 A method is an ``nn.Module`` so that its own trainable parts (connectors, regressors, learned
 quantizer scales) are optimised with the model (``method.parameters()``), move with ``.to()``, and
@@ -54,3 +57,7 @@ class Method(nn.Module):
     def finalize(self, model: nn.Module) -> nn.Module:
         """Return the final model after training (fold masks, shrink, convert)."""
         return model
+
+    def final_metrics(self) -> dict[str, float]:
+        """Metrics the method logs once at the end of the run."""
+        return {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+
+from kdexp.errors import ConfigError
 
 
 class Tracker:
@@ -34,3 +36,18 @@ class Tracker:
 
     def flush(self) -> None:
         """Send buffered metrics now."""
+
+    def find_finished(self, tags: Mapping[str, str]) -> str | None:
+        """The id of the newest FINISHED run carrying all ``tags``, if the store has one."""
+        return None
+
+    def fetch(self, source: str, paths: tuple[str, ...], destination: Path, key: str) -> Path:
+        """Download the first of ``paths`` that run ``source`` (a run id or ``runs:/`` URI) holds.
+
+        ``key`` is the config key that named the run, for error messages.
+        """
+        raise ConfigError(key, source, "a checkpoint path: with tracking=none no run can be read")
+
+    def lock(self, name: str) -> AbstractContextManager[object]:
+        """A lock shared by every job on this store, so that only one job trains a given model."""
+        return nullcontext()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kdexp.errors import ConfigError
 from kdexp.tracking.base import Tracker
 
 if TYPE_CHECKING:  # mlflow is imported lazily at run time
@@ -168,3 +169,53 @@ class MlflowTracker(Tracker):
             client, run_id = self._open_run()
             chunk, self._buffer = self._buffer[:_MAX_METRICS], self._buffer[_MAX_METRICS:]
             client.log_batch(run_id, metrics=chunk)
+
+    def find_finished(self, tags: Mapping[str, str]) -> str | None:
+        """The newest FINISHED run of this experiment that carries all ``tags``."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
+        query = " and ".join(
+            [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
+        )
+        found = client.search_runs(
+            [experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"]
+        )
+        return found[0].info.run_id if found else None
+
+    def fetch(self, source: str, paths: tuple[str, ...], destination: Path, key: str) -> Path:
+        """The first of ``paths`` held by run ``source`` (an id or ``runs:/<id>[/path]``)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log noise
+        run_id, _, inner = source.removeprefix("runs:/").partition("/")
+        candidates = (inner,) if inner else paths
+        client = MlflowClient(tracking_uri=self.uri)
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(
+                key, source, f"a checkpoint path, or the id of a run in {self.uri}"
+            ) from None
+        destination.mkdir(parents=True, exist_ok=True)
+        for path in candidates:
+            try:
+                return Path(client.download_artifacts(run_id, path, str(destination)))
+            except (MlflowException, OSError):
+                continue
+        raise ConfigError(
+            key, source, f"a run that holds one of the artifacts {', '.join(candidates)}"
+        )
+
+    def lock(self, name: str) -> AbstractContextManager[object]:
+        """A file lock beside the SQLite store (or under outputs/ for a remote store)."""
+        from filelock import FileLock
+
+        if self.uri.startswith("sqlite:///"):
+            folder = Path(self.uri.removeprefix("sqlite:///")).parent / "locks"
+        else:
+            folder = Path("outputs", "locks")
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(folder / f"{name}.lock"))

@@ -1,0 +1,71 @@
+"""Trained weights for a model config: from a file, from an MLflow run, or trained once and reused.
+
+A teacher (``teacher_checkpoint``) and a starting model (``checkpoint``, for methods that start
+from a trained model) name their weights the same way:
+
+- a path to a state_dict or kdexp checkpoint;
+- an MLflow run id, or ``runs:/<run id>[/<artifact path>]``: the run's ``checkpoints/final.pt``
+  (or ``best.pt``) is downloaded;
+- ``auto``: the newest FINISHED run whose config hash equals that of a plain baseline run of this
+  model on the same dataset, schedule and seed. When there is none, kdexp trains that baseline
+  first, as a run of its own, and every later run with the same hash reuses it: a sweep over ten
+  students trains its teacher once. A file lock keeps parallel jobs from training it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kdexp.config import config_hash
+from kdexp.tracking.base import Tracker
+
+log = logging.getLogger(__name__)
+
+BASELINE_METHOD = {"_target_": "kdexp.method.baseline.Baseline", "_partial_": True}
+CHECKPOINT_ARTIFACTS = ("checkpoints/final.pt", "checkpoints/best.pt")
+
+
+def baseline_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
+    """The config of a plain baseline run of ``model_cfg`` with ``cfg``'s data, schedule, seed."""
+    sub = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "teacher"])
+    with open_dict(sub):
+        sub.model = OmegaConf.to_container(model_cfg)  # interpolations resolve in the new root
+        sub.method = dict(BASELINE_METHOD)
+        sub.checkpoint = None
+        sub.teacher_checkpoint = None
+    return sub
+
+
+def resolve(
+    source: str,
+    *,
+    key: str,
+    model_cfg: DictConfig,
+    names: dict[str, str],
+    cfg: DictConfig,
+    tracker: Tracker,
+    out_dir: Path,
+) -> Path:
+    """A local checkpoint file holding trained weights for ``model_cfg``, named by ``source``.
+
+    ``names`` (method, model, dataset) name the baseline run when one has to be trained.
+    """
+    if source != "auto":
+        if Path(source).expanduser().is_file():
+            return Path(source).expanduser()
+        return tracker.fetch(source, CHECKPOINT_ARTIFACTS, out_dir / "inputs", key)
+    sub = baseline_config(cfg, model_cfg)
+    digest = config_hash(sub)
+    with tracker.lock(digest):
+        found = tracker.find_finished({"kdexp.config_hash": digest})
+        if found is not None:
+            log.info("%s: reusing run %s (config hash %s)", key, found, digest)
+            return tracker.fetch(found, CHECKPOINT_ARTIFACTS, out_dir / "inputs" / found, key)
+        log.info("%s: no finished run has config hash %s; training it first", key, digest)
+        from kdexp.run import Job, execute  # run.py imports this module
+
+        result = execute(sub, Job(names, out_dir / key, {"kdexp.trained_for": key}))
+        return result.final_checkpoint
