@@ -81,7 +81,9 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
     if cfg.objective not in FINAL_METRICS:
         raise ConfigError("objective", cfg.objective, "one of " + ", ".join(FINAL_METRICS))
     method_class = get_class(cfg.method._target_)
-    uses_teacher = getattr(method_class, "uses_teacher", False)
+    uses_teacher = getattr(method_class, "uses_teacher", False) or (
+        OmegaConf.select(cfg, "method.distill") is not None
+    )
     if uses_teacher and "teacher" not in cfg:
         raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
     if "teacher" in cfg and not uses_teacher:
@@ -102,7 +104,7 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         runtime["teacher"] = instantiate(cfg.teacher)
     # The method checks its settings and layer names here, before any input is trained.
     method = instantiate(cfg.method)(data=data, criterion=criterion, **runtime)
-    if cfg.checkpoint is not None:
+    if cfg.checkpoint is not None or getattr(method_class, "starts_from_trained", False):
         weights = _trained_weights(cfg, job, tracker, "checkpoint", cfg.model, job.names["model"])
         load_weights(model, weights, "checkpoint")
     method.to(device)
@@ -156,6 +158,8 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         tracker.log_metrics(final, result.steps)
         tracker.flush()
         _log_artifacts(tracker, cfg, job.out_dir, result.history)
+        for path in method.write_artifacts(job.out_dir / "method"):
+            tracker.log_artifact(path, "method")
     print(
         f"kdexp: {run_name}: test/acc1 {final['test/acc1']:.2f}%  "
         f"best/val_acc1 {result.best_val_acc1:.2f}% (epoch {result.best_epoch + 1})\n"

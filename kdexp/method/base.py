@@ -13,7 +13,11 @@ The loop (:func:`kdexp.train.fit`) never branches on a method's name. It calls, 
    channels removed, weights converted to int8), and ``method.final_metrics()`` adds metrics.
 
 A method that needs a trained teacher sets ``uses_teacher = True`` and takes ``teacher=`` at
-construction; the run builds the teacher from the ``teacher`` config node.
+construction; the run builds the teacher from the ``teacher`` config node. A method whose config
+has a non-null ``distill`` key (a distillation method's config, for example pruning while
+distilling) gets ``teacher=`` too. A method that starts from a trained model sets
+``starts_from_trained = True``: with ``checkpoint: null`` the run then uses ``checkpoint=auto``
+(reuse, or train once, a baseline of the same model, dataset, schedule and seed).
 
 A method is an ``nn.Module`` so that its own trainable parts (connectors, regressors, learned
 quantizer scales) are optimised with the model (``method.parameters()``), move with ``.to()``, and
@@ -21,6 +25,8 @@ are saved in checkpoints (``method.state_dict()``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from torch import Tensor, nn
 
@@ -61,3 +67,7 @@ class Method(nn.Module):
     def final_metrics(self) -> dict[str, float]:
         """Metrics the method logs once at the end of the run."""
         return {}
+
+    def write_artifacts(self, folder: Path) -> list[Path]:
+        """Write the method's own artifacts (plots, CSV) under ``folder``; return their paths."""
+        return []
