@@ -82,7 +82,7 @@ def test_cached_teacher_outputs_equal_live_ones() -> None:
     for method in (live, cached):
         method.prepare(student)
         method.train()
-    for epoch in range(2):
+    for _ in range(2):
         for x, y in data.train:
             logits = student(x)
             a, b = live.loss(x, y, logits), cached.loss(x, y, logits)

@@ -1,0 +1,58 @@
+"""Similarity-preserving distillation: match the batch's pairwise similarity matrices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdexp.errors import ConfigError
+from kdexp.method.distill.at import require_layers
+from kdexp.method.distill.base import Distiller
+
+
+def similarity_matrix(f: Tensor) -> Tensor:
+    """Row-L2-normalised ``b×b`` Gram matrix ``F Fᵀ`` of the features ``F = f.flatten(1)``."""
+    flat = f.flatten(1)
+    return F.normalize(flat @ flat.t(), dim=1)
+
+
+def sp_loss(fs: Tensor, ft: Tensor) -> Tensor:
+    """``‖G_s − G_t‖_F² / b²`` between the student's and teacher's similarity matrices.
+
+    Only the batch sizes need agree; feature shapes may differ freely.
+    """
+    b = fs.shape[0]
+    if ft.shape[0] != b:
+        raise ValueError(f"batch sizes differ: {b} and {ft.shape[0]}")
+    return (similarity_matrix(fs) - similarity_matrix(ft)).pow(2).sum() / b**2
+
+
+class SP(Distiller):
+    """Tung & Mori 2019, "Similarity-Preserving Knowledge Distillation".
+
+    loss = CE + β · Σ_layers ‖G_s − G_t‖_F² / b², G = row-normalised F Fᵀ of the batch's features.
+    """
+
+    def __init__(self, *, beta: float = 3000.0, **kwargs: Any) -> None:
+        if beta < 0:
+            raise ConfigError("method.beta", beta, "a non-negative weight")
+        super().__init__(**kwargs)
+        require_layers(self, "SP")
+        self.beta = beta
+
+    def distill_terms(
+        self,
+        s_logits: Tensor,
+        t_logits: Tensor,
+        s_feats: list[Tensor],
+        t_feats: list[Tensor],
+        targets: Tensor,
+    ) -> dict[str, Tensor]:
+        """``sp``: β times the similarity loss summed over the layer pairs."""
+        total = torch.stack(
+            [sp_loss(fs.float(), ft.float()) for fs, ft in zip(s_feats, t_feats, strict=True)]
+        ).sum()
+        return {"sp": self.beta * total}

@@ -1,0 +1,725 @@
+"""Distillation losses against independent calculations (Python loops, hand-worked values), and
+the method classes on a tiny teacher/student pair.
+
+Each reference below is written from the paper's formula with loops over samples, pairs,
+triplets or channels, so a vectorisation mistake in ``kdexp.method.distill`` cannot be repeated
+here. Tensors are float64 so that tolerances can be tight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from kdexp.dataset.base import Data, TensorLoader
+from kdexp.errors import ConfigError
+from kdexp.method.distill.at import AT, at_loss, attention_map, pool_to_common_size
+from kdexp.method.distill.crd import CRD, ContrastiveMemory, Embed, nce_contrast_loss
+from kdexp.method.distill.dkd import DKD, dkd_loss
+from kdexp.method.distill.fitnet import FitNet, hint_loss
+from kdexp.method.distill.nst import NST, nst_loss
+from kdexp.method.distill.pkt import PKT, pkt_loss
+from kdexp.method.distill.rkd import RKD, rkd_angle_loss, rkd_distance_loss
+from kdexp.method.distill.sp import SP, sp_loss
+
+D = torch.float64
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+def _vec(t: torch.Tensor) -> list[float]:
+    return [float(v) for v in t.flatten()]
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _unit(a: list[float]) -> list[float]:
+    n = math.sqrt(_dot(a, a))
+    return [x / n for x in a] if n > 0 else [0.0] * len(a)
+
+
+def _huber(x: float) -> float:
+    return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
+
+
+def _block_mean(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Average non-overlapping k×k blocks with loops (the reference for adaptive pooling)."""
+    b, c, h, w = f.shape
+    out = torch.zeros(b, c, h // k, w // k, dtype=f.dtype)
+    for n in range(b):
+        for ch in range(c):
+            for i in range(h // k):
+                for j in range(w // k):
+                    total = 0.0
+                    for di in range(k):
+                        for dj in range(k):
+                            total += float(f[n, ch, i * k + di, j * k + dj])
+                    out[n, ch, i, j] = total / (k * k)
+    return out
+
+
+def _grad_reaches(loss_fn, student: torch.Tensor, *rest: torch.Tensor) -> None:
+    student = student.clone().requires_grad_(True)
+    loss_fn(student, *rest).backward()
+    assert student.grad is not None
+    assert torch.isfinite(student.grad).all()
+    assert student.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- FitNets
+
+
+def test_hint_loss_by_hand() -> None:
+    s = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=D)
+    t = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=D)
+    # squared errors 1, 4, 4, 4 -> mean 13/4
+    assert hint_loss(s, t).item() == pytest.approx(13 / 4)
+
+
+def test_hint_loss_loop_zero_grad_and_shapes() -> None:
+    s, t = _randn(3, 4, 2, 2, seed=1), _randn(3, 4, 2, 2, seed=2)
+    ref = sum((a - b) ** 2 for a, b in zip(_vec(s), _vec(t), strict=True)) / s.numel()
+    assert hint_loss(s, t).item() == pytest.approx(ref, rel=1e-12)
+    assert hint_loss(t, t).item() == 0
+    _grad_reaches(hint_loss, s, t)
+    with pytest.raises(ValueError, match="does not match"):
+        hint_loss(s, t[:, :2])
+
+
+# ----------------------------------------------------------------------------- attention transfer
+
+
+def _naive_attention(f: torch.Tensor, p: float = 2) -> list[list[float]]:
+    b, c, h, w = f.shape
+    maps = []
+    for n in range(b):
+        a = []
+        for i in range(h):
+            for j in range(w):
+                a.append(sum(abs(float(f[n, ch, i, j])) ** p for ch in range(c)) / c)
+        maps.append(_unit(a))
+    return maps
+
+
+def _naive_at(fs: torch.Tensor, ft: torch.Tensor, p: float = 2) -> float:
+    a_s, a_t = _naive_attention(fs, p), _naive_attention(ft, p)
+    sq = [
+        (x - y) ** 2 for rs, rt in zip(a_s, a_t, strict=True) for x, y in zip(rs, rt, strict=True)
+    ]
+    return sum(sq) / len(sq)
+
+
+def test_attention_map_by_hand() -> None:
+    # one sample, two channels, 1×2 positions: channel means of f² are (1+9)/2=5 and (4+0)/2=2
+    f = torch.tensor([[[[1.0, 2.0]], [[-3.0, 0.0]]]], dtype=D)
+    expected = torch.tensor([[5.0, 2.0]], dtype=D) / math.sqrt(29)
+    torch.testing.assert_close(attention_map(f), expected)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_at_loss_matches_loops(p: float) -> None:
+    fs, ft = _randn(3, 4, 3, 3, seed=3), _randn(3, 6, 3, 3, seed=4)
+    assert at_loss(fs, ft, p).item() == pytest.approx(_naive_at(fs, ft, p), rel=1e-10)
+    assert torch.tensor(_naive_attention(fs, p), dtype=D).allclose(attention_map(fs, p))
+
+
+def test_at_loss_pools_the_larger_map() -> None:
+    fs, ft = _randn(2, 3, 8, 8, seed=5), _randn(2, 5, 4, 4, seed=6)
+    expected = _naive_at(_block_mean(fs, 2), ft)
+    assert at_loss(fs, ft).item() == pytest.approx(expected, rel=1e-10)
+    # either side may be the larger one
+    assert at_loss(ft, fs).item() == pytest.approx(_naive_at(ft, _block_mean(fs, 2)), rel=1e-10)
+    ps, pt = pool_to_common_size(_randn(2, 3, 8, 4), _randn(2, 3, 4, 8))
+    assert ps.shape[2:] == pt.shape[2:] == (4, 4)
+
+
+def test_at_loss_zero_grad_errors() -> None:
+    f = _randn(2, 3, 4, 4, seed=7)
+    assert at_loss(f, f).item() == 0
+    # attention ignores the channel count and a positive scale
+    assert at_loss(torch.cat([f, f], 1), 3 * f).item() == pytest.approx(0, abs=1e-15)
+    _grad_reaches(at_loss, f, _randn(2, 8, 2, 2, seed=8))
+    with pytest.raises(ValueError, match="batch sizes"):
+        at_loss(f, f[:1])
+    with pytest.raises(ValueError, match="b×c×h×w"):
+        at_loss(f.flatten(1), f.flatten(1))
+
+
+# ---------------------------------------------------------------------------- similarity preserving
+
+
+def _naive_sp(fs: torch.Tensor, ft: torch.Tensor) -> float:
+    b = fs.shape[0]
+
+    def gram(f: torch.Tensor) -> list[list[float]]:
+        rows = [_vec(f[i]) for i in range(b)]
+        return [_unit([_dot(rows[i], rows[j]) for j in range(b)]) for i in range(b)]
+
+    gs, gt = gram(fs), gram(ft)
+    return sum((gs[i][j] - gt[i][j]) ** 2 for i in range(b) for j in range(b)) / b**2
+
+
+def test_sp_loss_by_hand() -> None:
+    # student rows e1, e2: G = I; teacher rows e1, e1: G rows (1,1)/√2 -> ‖·‖² = 2(2 − √2), / b²
+    fs = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=D)
+    ft = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=D)
+    assert sp_loss(fs, ft).item() == pytest.approx(2 * (2 - math.sqrt(2)) / 4)
+
+
+def test_sp_loss_loops_zero_grad_shapes() -> None:
+    fs, ft = _randn(5, 3, 2, 2, seed=9), _randn(5, 7, seed=10)
+    assert sp_loss(fs, ft).item() == pytest.approx(_naive_sp(fs, ft), rel=1e-10)
+    assert sp_loss(fs, fs).item() == 0
+    _grad_reaches(sp_loss, fs, ft)
+    with pytest.raises(ValueError, match="batch sizes"):
+        sp_loss(fs, ft[:4])
+
+
+# ----------------------------------------------------------------------------- RKD
+
+
+def _naive_rkd_distance(es: torch.Tensor, et: torch.Tensor) -> float:
+    b = es.shape[0]
+
+    def normalised(e: torch.Tensor) -> dict[tuple[int, int], float]:
+        rows = [_vec(e[i]) for i in range(b)]
+        d = {(i, j): math.dist(rows[i], rows[j]) for i in range(b) for j in range(b) if i != j}
+        nonzero = [v for v in d.values() if v > 0]
+        mu = sum(nonzero) / len(nonzero)
+        return {key: v / mu for key, v in d.items()}
+
+    ds, dt = normalised(es), normalised(et)
+    return sum(_huber(ds[key] - dt[key]) for key in ds) / len(ds)
+
+
+def _naive_rkd_angle(es: torch.Tensor, et: torch.Tensor) -> float:
+    b = es.shape[0]
+
+    def cosines(e: torch.Tensor) -> dict[tuple[int, int, int], float]:
+        rows = [_vec(e[i]) for i in range(b)]
+        out = {}
+        for i in range(b):
+            for j in range(b):
+                for k in range(b):
+                    if len({i, j, k}) == 3:
+                        u = _unit([x - y for x, y in zip(rows[i], rows[j], strict=True)])
+                        v = _unit([x - y for x, y in zip(rows[k], rows[j], strict=True)])
+                        out[i, j, k] = _dot(u, v)
+        return out
+
+    cs, ct = cosines(es), cosines(et)
+    return sum(_huber(cs[key] - ct[key]) for key in cs) / len(cs)
+
+
+def test_rkd_by_hand() -> None:
+    # student: right isosceles triangle; teacher: equilateral triangle (all distances 1)
+    es = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=D)
+    et = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]], dtype=D)
+    # student distances 1, 1, √2 (mean (2+√2)/3); teacher all 1 after normalisation
+    mu = (2 + math.sqrt(2)) / 3
+    diffs = [1 / mu - 1, 1 / mu - 1, math.sqrt(2) / mu - 1]
+    assert rkd_distance_loss(es, et).item() == pytest.approx(
+        sum(_huber(x) for x in diffs) / 3, rel=1e-12
+    )
+    # student angles 90°, 45°, 45° against 60° each; each vertex appears in two ordered triplets
+    diffs = [0 - 0.5, math.sqrt(0.5) - 0.5, math.sqrt(0.5) - 0.5]
+    assert rkd_angle_loss(es, et).item() == pytest.approx(
+        sum(_huber(x) for x in diffs) / 3, rel=1e-12
+    )
+
+
+def test_rkd_matches_loops() -> None:
+    es, et = 2 * _randn(6, 4, seed=11), _randn(6, 9, seed=12)
+    assert rkd_distance_loss(es, et).item() == pytest.approx(_naive_rkd_distance(es, et), rel=1e-9)
+    assert rkd_angle_loss(es, et).item() == pytest.approx(_naive_rkd_angle(es, et), rel=1e-10)
+    # feature maps are flattened
+    fs = es.view(6, 1, 2, 2)
+    assert rkd_angle_loss(fs, et).item() == pytest.approx(rkd_angle_loss(es, et).item())
+
+
+def test_rkd_zero_and_invariances() -> None:
+    e = _randn(5, 3, seed=13)
+    assert rkd_distance_loss(e, e).item() == 0
+    assert rkd_angle_loss(e, e).item() == 0
+    # both are invariant to scaling and translation of one side
+    assert rkd_distance_loss(3 * e + 1, e).item() == pytest.approx(0, abs=1e-12)
+    assert rkd_angle_loss(3 * e + 1, e).item() == pytest.approx(0, abs=1e-12)
+
+
+def test_rkd_gradients_even_with_duplicate_rows() -> None:
+    es, et = _randn(5, 3, seed=14), _randn(5, 3, seed=15)
+    _grad_reaches(rkd_distance_loss, es, et)
+    _grad_reaches(rkd_angle_loss, es, et)
+    dup = es.clone()
+    dup[1] = dup[0]
+    _grad_reaches(rkd_distance_loss, dup, et)
+    _grad_reaches(rkd_angle_loss, dup, et)
+    assert rkd_distance_loss(dup, et).item() == pytest.approx(
+        _naive_rkd_distance(dup, et), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="batch sizes"):
+        rkd_angle_loss(es[:2], et[:2])
+
+
+# ----------------------------------------------------------------------------- PKT
+
+
+def _naive_pkt(es: torch.Tensor, et: torch.Tensor, eps: float = 1e-7) -> float:
+    b = es.shape[0]
+
+    def probs(e: torch.Tensor) -> list[list[float]]:
+        rows = [_unit(_vec(e[i])) for i in range(b)]
+        k = [
+            [(_dot(rows[i], rows[j]) + 1) / 2 if i != j else 0.0 for j in range(b)]
+            for i in range(b)
+        ]
+        return [[v / sum(row) for v in row] for row in k]
+
+    ps, pt = probs(es), probs(et)
+    total = 0.0
+    for i in range(b):
+        for j in range(b):
+            if i != j:
+                total += pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps))
+    return total / b**2
+
+
+def test_pkt_by_hand() -> None:
+    # b = 2: each row's only other sample has probability 1 for both nets, so the loss is zero
+    es, et = _randn(2, 3, seed=16), _randn(2, 5, seed=17)
+    assert pkt_loss(es, et).item() == pytest.approx(0, abs=1e-15)
+    # b = 3, teacher rows e1, e1, e2: K = [[·,1,½],[1,·,½],[½,½,·]]
+    # -> P_t rows (⅔, ⅓), (⅔, ⅓), (½, ½) over the other two samples in index order
+    et = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=D)
+    # student rows e1, e2, −e1: K = [[·,½,0],[½,·,½],[0,½,·]] -> P_s rows (1,0), (½,½), (0,1)
+    es = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=D)
+    e = 1e-7
+    by_hand = (
+        2 / 3 * math.log((2 / 3 + e) / (1 + e))
+        + 1 / 3 * math.log((1 / 3 + e) / e)
+        + 2 / 3 * math.log((2 / 3 + e) / (1 / 2 + e))
+        + 1 / 3 * math.log((1 / 3 + e) / (1 / 2 + e))
+        + 1 / 2 * math.log((1 / 2 + e) / e)
+        + 1 / 2 * math.log((1 / 2 + e) / (1 + e))
+    ) / 9
+    assert pkt_loss(es, et).item() == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_pkt_degenerate_row_is_finite() -> None:
+    # both other samples antipodal to sample 2: its kernel row is all zero
+    et = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]], dtype=D)
+    assert torch.isfinite(pkt_loss(_randn(3, 2, seed=32), et))
+
+
+def test_pkt_matches_loops_zero_grad() -> None:
+    es, et = _randn(6, 4, 2, seed=18), _randn(6, 10, seed=19)
+    assert pkt_loss(es, et).item() == pytest.approx(_naive_pkt(es, et), rel=1e-10)
+    assert pkt_loss(et, et).item() == 0
+    _grad_reaches(pkt_loss, es, et)
+    with pytest.raises(ValueError, match="batch sizes"):
+        pkt_loss(es, et[:5])
+
+
+# ----------------------------------------------------------------------------- NST
+
+
+def _naive_nst(fs: torch.Tensor, ft: torch.Tensor) -> float:
+    b = fs.shape[0]
+    total = 0.0
+    for n in range(b):
+        s = [_unit(_vec(fs[n, c])) for c in range(fs.shape[1])]
+        t = [_unit(_vec(ft[n, c])) for c in range(ft.shape[1])]
+
+        def mean_k(xs: list[list[float]], ys: list[list[float]]) -> float:
+            return sum(_dot(x, y) ** 2 for x in xs for y in ys) / (len(xs) * len(ys))
+
+        total += mean_k(t, t) + mean_k(s, s) - 2 * mean_k(s, t)
+    return total / b
+
+
+def test_nst_by_hand() -> None:
+    # one sample; student channels e1, e2 over two positions, teacher one channel e1
+    fs = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.0]]]], dtype=D)
+    ft = torch.tensor([[[[3.0, 0.0]]]], dtype=D)
+    # k(t,t) = 1; mean k(s,s) = (1+0+0+1)/4 = ½; mean k(s,t) = (1+0)/2 = ½ -> 1 + ½ − 1
+    assert nst_loss(fs, ft).item() == pytest.approx(0.5)
+
+
+def test_nst_matches_loops_pools_zero_grad() -> None:
+    fs, ft = _randn(3, 4, 4, 4, seed=20), _randn(3, 6, 4, 4, seed=21)
+    assert nst_loss(fs, ft).item() == pytest.approx(_naive_nst(fs, ft), rel=1e-10)
+    big = _randn(3, 4, 8, 8, seed=22)
+    assert nst_loss(big, ft).item() == pytest.approx(_naive_nst(_block_mean(big, 2), ft), rel=1e-10)
+    assert nst_loss(fs, fs).item() == pytest.approx(0, abs=1e-14)
+    _grad_reaches(nst_loss, fs, ft)
+
+
+# ----------------------------------------------------------------------------- DKD
+
+
+def _softmax(z: list[float]) -> list[float]:
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+
+
+def _naive_dkd(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, T: float) -> tuple:
+    tckd = nckd = 0.0
+    for n in range(len(y)):
+        s, t, c = [v / T for v in _vec(zs[n])], [v / T for v in _vec(zt[n])], int(y[n])
+        ps, pt = _softmax(s), _softmax(t)
+        tckd += _kl([pt[c], 1 - pt[c]], [ps[c], 1 - ps[c]])
+        nckd += _kl(_softmax(t[:c] + t[c + 1 :]), _softmax(s[:c] + s[c + 1 :]))
+    return tckd / len(y) * T**2, nckd / len(y) * T**2
+
+
+def test_dkd_matches_loops_and_weights() -> None:
+    zs, zt = 3 * _randn(5, 7, seed=23), 3 * _randn(5, 7, seed=24)
+    y = torch.tensor([0, 6, 3, 3, 1])
+    tckd, nckd = dkd_loss(zs, zt, y, alpha=1.0, beta=1.0, T=2.0)
+    ref_t, ref_n = _naive_dkd(zs, zt, y, 2.0)
+    assert tckd.item() == pytest.approx(ref_t, rel=1e-10)
+    assert nckd.item() == pytest.approx(ref_n, rel=1e-10)
+    tckd8, nckd8 = dkd_loss(zs, zt, y, alpha=0.5, beta=8.0, T=2.0)
+    assert tckd8.item() == pytest.approx(0.5 * ref_t, rel=1e-10)
+    assert nckd8.item() == pytest.approx(8 * ref_n, rel=1e-10)
+
+
+def test_dkd_reformulates_kd_per_sample() -> None:
+    # the paper's identity: KL(p_t ‖ p_s) = TCKD + (1 − p_t,target) · NCKD, for one sample
+    zs, zt = _randn(1, 6, seed=25), _randn(1, 6, seed=26)
+    y = torch.tensor([2])
+    tckd, nckd = dkd_loss(zs, zt, y, alpha=1.0, beta=1.0, T=1.0)
+    pt = _softmax(_vec(zt))
+    kd = _kl(pt, _softmax(_vec(zs)))
+    assert (tckd + (1 - pt[2]) * nckd).item() == pytest.approx(kd, rel=1e-10)
+
+
+def test_dkd_by_hand_two_classes_and_zero() -> None:
+    # two classes: NCKD has one class left, so it is 0; TCKD is the plain binary KL, × T²
+    zs = torch.tensor([[0.0, 0.0]], dtype=D)
+    zt = torch.tensor([[math.log(3.0), 0.0]], dtype=D)  # teacher p = (¾, ¼)
+    tckd, nckd = dkd_loss(zs, zt, torch.tensor([0]), T=1.0)
+    assert nckd.item() == 0
+    assert tckd.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    z = _randn(4, 5, seed=27)
+    assert all(v.item() == pytest.approx(0, abs=1e-14) for v in dkd_loss(z, z, z.argmax(1)))
+
+
+def test_dkd_large_logits_grad_and_errors() -> None:
+    zs, zt = _randn(4, 5, seed=28), _randn(4, 5, seed=29)
+    y = torch.tensor([1, 0, 4, 2])
+    # float32 logits far apart: p_target rounds to 1 or 0, the terms stay finite
+    assert all(torch.isfinite(v) for v in dkd_loss(300 * zs.float(), 200 * zt.float(), y))
+    _grad_reaches(lambda s, t: sum(dkd_loss(s, t, y)), zs, zt)
+    with pytest.raises(ValueError, match="do not match"):
+        dkd_loss(zs, zt, y[:3])
+
+
+# ----------------------------------------------------------------------------- CRD
+
+
+def test_nce_contrast_loss_by_hand() -> None:
+    pos = torch.tensor([1.0, 0.5], dtype=D)
+    neg = torch.tensor([[1.0, 3.0], [0.0, 0.5]], dtype=D)
+    m = 2 / 4  # K / N
+    row0 = math.log(1 / (1 + m)) + math.log(m / (1 + m)) + math.log(m / (3 + m))
+    row1 = math.log(0.5 / (0.5 + m)) + math.log(m / (0 + m)) + math.log(m / (0.5 + m))
+    got = nce_contrast_loss(pos, neg, n_samples=4, eps=0.0).item()
+    assert got == pytest.approx(-(row0 + row1) / 2, rel=1e-12)
+
+
+def _naive_crd(memory: ContrastiveMemory, s, t, rows, neg, eps: float = 1e-7) -> float:
+    """One forward of CRD, from the paper, with loops; the memory is read before the update.
+
+    ``eps`` is added to the NCE denominators as the implementation does.
+    """
+    n, k, tau = memory.n_samples, neg.shape[1], memory.tau
+    mem_s = [_vec(r) for r in memory.memory_s]
+    mem_t = [_vec(r) for r in memory.memory_t]
+    sv, tv = [_vec(r) for r in s], [_vec(r) for r in t]
+    pos = [math.exp(_dot(sv[i], tv[i]) / tau) for i in range(len(rows))]
+    neg_t = [[math.exp(_dot(mem_t[int(j)], sv[i]) / tau) for j in neg[i]] for i in range(len(rows))]
+    neg_s = [[math.exp(_dot(mem_s[int(j)], tv[i]) / tau) for j in neg[i]] for i in range(len(rows))]
+    total = 0.0
+    for negs in (neg_t, neg_s):
+        # Z from the first batch: N × mean over the b(K+1) scores
+        scores = pos + [v for row in negs for v in row]
+        z = n * sum(scores) / len(scores)
+        m = k / n
+        for i in range(len(rows)):
+            h = pos[i] / z
+            term = math.log(h / (h + m + eps))
+            term += sum(math.log(m / (v / z + m + eps)) for v in negs[i])
+            total -= term / len(rows)
+    return total
+
+
+def test_contrastive_memory_matches_loops_and_updates() -> None:
+    torch.manual_seed(0)
+    memory = ContrastiveMemory(10, dim=4, k=3, tau=0.5, momentum=0.5).double()
+    s = torch.nn.functional.normalize(_randn(3, 4, seed=30), dim=1)
+    t = torch.nn.functional.normalize(_randn(3, 4, seed=31), dim=1)
+    rows = torch.tensor([7, 0, 4])
+    neg = torch.tensor([[0, 1, 1], [9, 8, 2], [5, 0, 3]])
+    memory.sample_negatives = lambda rows: neg  # type: ignore[method-assign]
+    expected = _naive_crd(memory, s, t, rows, neg)
+    old_s, old_t = memory.memory_s.clone(), memory.memory_t.clone()
+    s_in = s.clone().requires_grad_(True)
+    loss = memory(s_in, t, rows)
+    assert loss.item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    loss.backward()
+    assert s_in.grad is not None and s_in.grad.abs().sum() > 0
+    # rows written: normalise(½ old + ½ new); other rows untouched
+    for i, r in enumerate(rows.tolist()):
+        mixed = [0.5 * a + 0.5 * b for a, b in zip(_vec(old_s[r]), _vec(s[i]), strict=True)]
+        torch.testing.assert_close(memory.memory_s[r], torch.tensor(_unit(mixed), dtype=D))
+        mixed = [0.5 * a + 0.5 * b for a, b in zip(_vec(old_t[r]), _vec(t[i]), strict=True)]
+        torch.testing.assert_close(memory.memory_t[r], torch.tensor(_unit(mixed), dtype=D))
+    untouched = [r for r in range(10) if r not in rows.tolist()]
+    torch.testing.assert_close(memory.memory_s[untouched], old_s[untouched])
+    # Z is estimated once: a second call keeps it
+    z_s, z_t = memory.z_s.item(), memory.z_t.item()
+    assert z_s > 0 and z_t > 0
+    memory(s, t, rows)
+    assert (memory.z_s.item(), memory.z_t.item()) == (z_s, z_t)
+
+
+def test_negatives_uniform_without_the_anchor_and_seeded() -> None:
+    make = lambda: ContrastiveMemory(  # noqa: E731
+        5, dim=2, k=4000, generator=torch.Generator().manual_seed(3)
+    )
+    memory = make()
+    rows = torch.tensor([0, 2, 4])
+    neg = memory.sample_negatives(rows)
+    assert neg.shape == (3, 4000)
+    assert (neg != rows[:, None]).all() and neg.min() >= 0 and neg.max() < 5
+    counts = torch.stack([torch.bincount(r, minlength=5) for r in neg]).double()
+    others = counts[counts > 0]
+    assert len(others) == 12 and (others - 1000).abs().max() < 150  # ≈ K/(N−1) each
+    torch.testing.assert_close(make().sample_negatives(rows), make().sample_negatives(rows))
+    torch.testing.assert_close(make().memory_s, make().memory_s)
+
+
+def test_contrastive_memory_errors_and_state() -> None:
+    memory = ContrastiveMemory(6, dim=3, k=2, generator=torch.Generator().manual_seed(0))
+    e = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        memory(e, e, torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="do not match"):
+        memory(e, e, torch.tensor([0]))
+    assert set(memory.state_dict()) == {"memory_s", "memory_t", "z_s", "z_t"}
+    memory(e, e, torch.tensor([1, 2]))
+    fresh = ContrastiveMemory(6, dim=3, k=2)
+    fresh.load_state_dict(memory.state_dict())
+    assert fresh.z_s.item() == memory.z_s.item() > 0
+
+
+def test_embed_head_unit_rows() -> None:
+    head = Embed(12, dim=5)
+    out = head(torch.randn(4, 3, 2, 2))
+    assert out.shape == (4, 5)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+
+
+# ----------------------------------------------------------------------------- method classes
+
+
+class _TinyNet(nn.Module):
+    """A three-stage CNN with the module names of the CIFAR ResNets (``stages.0`` ... ``fc``)."""
+
+    def __init__(self, widths: tuple[int, int, int, int], strides=(1, 2, 2), classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.stages = nn.Sequential(
+            *(
+                nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=1), nn.ReLU())
+                for cin, cout, stride in zip(widths[:-1], widths[1:], strides, strict=True)
+            )
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(self.stem(x))).flatten(1)
+
+
+def _data(n: int = 24, batch: int = 8) -> Data:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+    val = TensorLoader(x[:8], y[:8], 8)
+    return Data(TensorLoader(x, y, batch, shuffle=True, seed=0), val, val, 5, (3, 8, 8))
+
+
+def _nets() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    # the teacher halves the resolution one stage earlier: its maps are 4, 2, 1 against 8, 4, 2
+    return _TinyNet((4, 4, 6, 8)), _TinyNet((6, 8, 12, 16), strides=(2, 2, 2))
+
+
+def _build(cls: type, layers: list[str] | None = None, **kwargs) -> tuple:
+    """Construct and prepare ``cls`` on the tiny pair; returns (method, student, teacher)."""
+    student, teacher = _nets()
+    if layers is not None:
+        kwargs |= {"student_layers": layers, "teacher_layers": layers}
+    method = cls(data=_data(), criterion=nn.CrossEntropyLoss(), teacher=teacher, **kwargs)
+    return method, method.prepare(student), teacher
+
+
+def _step(method, student) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One training step's loss terms (backpropagated) and the batch used."""
+    method.train()
+    student.train()
+    x, y = next(iter(method.data.train))
+    terms = method.loss(x, y, student(x))
+    sum(terms.values()).backward()
+    return terms, x, y
+
+
+STAGES = ["stages.0", "stages.1", "stages.2"]
+CASES = [
+    (FitNet, ["stages.1"], {"ce", "feat"}),
+    (FitNet, ["penultimate"], {"ce", "feat"}),
+    (AT, STAGES, {"ce", "at"}),
+    (SP, ["stages.2"], {"ce", "sp"}),
+    (RKD, ["penultimate"], {"ce", "rkd_dist", "rkd_angle"}),
+    (PKT, ["penultimate"], {"ce", "pkt"}),
+    (NST, STAGES, {"ce", "nst"}),
+    (DKD, None, {"ce", "dkd_tckd", "dkd_nckd"}),
+    (CRD, ["penultimate"], {"ce", "crd"}),
+]
+
+
+@pytest.mark.parametrize(("cls", "layers", "names"), CASES, ids=[c[0].__name__ for c in CASES])
+def test_method_terms_and_gradients(cls: type, layers, names: set[str]) -> None:
+    method, student, teacher = _build(cls, layers)
+    terms, _, _ = _step(method, student)
+    assert set(terms) == names
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
+    assert all(v.item() > 0 for v in terms.values())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert student.stem.weight.grad is not None and student.stem.weight.grad.abs().sum() > 0
+    # the method's own trainable parameters are its connectors, and all of them are trained
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    if cls in (FitNet, CRD):
+        assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    else:
+        assert not trainable
+
+
+def test_kd_term_added_on_request() -> None:
+    method, student, _ = _build(SP, ["penultimate"], kd_weight=0.5)
+    assert set(_step(method, student)[0]) == {"ce", "kd", "sp"}
+
+
+def test_pkt_term_uses_the_tapped_embeddings() -> None:
+    method, student, teacher = _build(PKT, ["penultimate"], beta=2.0, cache_teacher=False)
+    terms, x, _ = _step(method, student)
+    with torch.no_grad():
+        expected = 2.0 * pkt_loss(student.embedding(x), teacher.embedding(x))
+    assert terms["pkt"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_fitnet_regressor_shapes() -> None:
+    method, _, _ = _build(FitNet, ["stages.1", "penultimate"])
+    conv, linear = method.regressors
+    assert isinstance(conv[0], nn.Conv2d) and (conv[0].in_channels, conv[0].out_channels) == (6, 12)
+    assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (8, 16)
+
+
+def test_dkd_warmup() -> None:
+    method, student, _ = _build(DKD, None, warmup=20)
+    x, y = next(iter(method.data.train))
+    with torch.no_grad():
+        logits = student(x)
+        early = method.loss(x, y, logits)
+        method.epoch = 9
+        middle = method.loss(x, y, logits)
+        method.epoch = 40
+        late = method.loss(x, y, logits)
+    for name in ("dkd_tckd", "dkd_nckd"):
+        assert early[name].item() == pytest.approx(late[name].item() / 20, rel=1e-6)
+        assert middle[name].item() == pytest.approx(late[name].item() / 2, rel=1e-6)
+    method.after_epoch(0)
+    assert method.warmup_factor() == pytest.approx(2 / 20)
+    assert _build(DKD, None, warmup=0)[0].warmup_factor() == 1.0
+
+
+def test_crd_memory_follows_the_batch_rows() -> None:
+    method, student, _ = _build(CRD, ["penultimate"], nce_k=100)
+    assert method.memory.k == 23  # capped at N − 1
+    assert method.memory.memory_s.shape == (24, 128)
+    before = method.memory.memory_t.clone()
+    _step(method, student)
+    rows = method.data.train.last_rows
+    changed = (method.memory.memory_t != before).any(1)
+    assert set(changed.nonzero().flatten().tolist()) == set(rows.tolist())
+    assert method.memory.z_s.item() > 0
+
+
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda: _build(AT, ["penultimate"]), "method.student_layers"),
+        (lambda: _build(NST, []), "method.student_layers"),
+        (lambda: _build(AT, STAGES, beta=-1.0), "method.beta"),
+        (
+            lambda: _build(FitNet, student_layers=["stages.1"], teacher_layers=["penultimate"]),
+            "method.teacher_layers",
+        ),
+        (lambda: _build(CRD, ["penultimate", "stages.2"]), "method.student_layers"),
+        (lambda: _build(CRD, ["penultimate"], nce_t=0.0), "method.nce_t"),
+        (lambda: _build(DKD, None, warmup=-1), "method.warmup"),
+        (lambda: _build(RKD, ["penultimate"], angle_weight=-1.0), "method.angle_weight"),
+    ],
+)
+def test_method_config_errors(make, key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        make()
+    assert error.value.key.endswith(key)
+
+
+def test_crd_needs_sample_indices() -> None:
+    student, teacher = _nets()
+    data = _data()
+    data.train = list(data.train)  # batches without last_rows
+    with pytest.raises(ConfigError, match="sample indices"):
+        CRD(
+            data=data,
+            criterion=nn.CrossEntropyLoss(),
+            teacher=teacher,
+            student_layers=["penultimate"],
+            teacher_layers=["penultimate"],
+        )
+
+
+NAMES = ["fitnet", "at", "sp", "rkd", "pkt", "nst", "dkd", "crd"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_yaml_composes_and_runs(compose_cfg, name: str) -> None:
+    cfg = compose_cfg(f"method=distill/{name}")
+    assert cfg.teacher._target_ == "kdexp.model.mlp.MLP" and list(cfg.teacher.hidden) == [
+        1200,
+        1200,
+    ]
+    student, teacher = _nets()
+    method = instantiate(cfg.method)(data=_data(), criterion=nn.CrossEntropyLoss(), teacher=teacher)
+    terms, _, _ = _step(method, method.prepare(student))
+    assert "ce" in terms and len(terms) >= 2
