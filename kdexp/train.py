@@ -89,7 +89,8 @@ def fit(
     """Train ``model`` for ``options.epochs`` epochs; log per step and per epoch.
 
     Per step (every ``log_every`` steps): ``train/loss``, ``train/loss_<term>``, ``train/lr``.
-    Per epoch (at the global step): ``train/acc1``, ``val/loss``, ``val/acc1``, ``val/acc5``,
+    Per epoch (at the global step): ``train/epoch_loss`` and ``train/epoch_loss_<term>`` (means
+    over the epoch's batches), ``train/acc1``, ``val/loss``, ``val/acc1``, ``val/acc5``,
     ``epoch_time_s``, plus whatever ``method.after_epoch`` returns.
     """
     device, result = options.device, FitResult()
@@ -101,6 +102,7 @@ def fit(
         method.train()
         start = time.perf_counter()
         correct, seen = torch.zeros((), device=device, dtype=torch.long), 0
+        term_sums: dict[str, Tensor] = {}
         for batch in _progress(data.train, epoch, options.epochs):
             inputs, targets = _to_device(batch, device, options.channels_last)
             with _autocast(device, options.amp):
@@ -118,6 +120,8 @@ def fit(
             extra = method.after_step(step)
             correct += (logits.detach().argmax(1) == targets).sum()
             seen += len(targets)
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0) + value.detach()
             if step % options.log_every == 0:
                 metrics = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]}
                 metrics.update({f"train/loss_{k}": v.item() for k, v in terms.items()})
@@ -137,8 +141,12 @@ def fit(
             step += 1
 
         val = evaluate(model, data.val, device, method.criterion, options.channels_last)
+        batches = max(1, len(data.train))  # type: ignore[arg-type]
+        means = {f"train/epoch_loss_{k}": v.item() / batches for k, v in term_sums.items()}
         metrics = {
             "epoch": epoch,
+            "train/epoch_loss": sum(means.values()),
+            **means,
             "train/acc1": 100.0 * correct.item() / max(1, seen),
             "val/loss": val["loss"],
             "val/acc1": val["acc1"],

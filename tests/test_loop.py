@@ -92,6 +92,8 @@ def test_fit_logs_terms_and_learns(tmp_path) -> None:
         assert m["train/loss"] == pytest.approx(m["train/loss_ce"])
     epoch_logs = [(s, m) for s, m in tracker.logged if "val/acc1" in m]
     assert [s for s, _ in epoch_logs] == [14, 28, 42]
+    for _, m in epoch_logs:
+        assert m["train/epoch_loss"] == pytest.approx(m["train/epoch_loss_ce"])
     assert epoch_logs[-1][1]["val/acc1"] > 90.0  # well-separated blobs
     assert result.best_val_acc1 == max(m["val/acc1"] for _, m in epoch_logs)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
@@ -127,3 +129,17 @@ def test_model_statistics_against_hand_counts() -> None:
     stats = model_stats(model, (1, 8, 8), batch_size=16, repeats=3)
     assert stats["model/params"] == 650 and stats["model/flops"] == 1280
     assert stats["model/latency_ms"] > 0 and stats["model/latency_ms_batch"] > 0
+
+
+def test_epoch_loss_is_the_mean_of_the_step_losses() -> None:
+    torch.manual_seed(0)
+    data = synthetic(batch_size=32, seed=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = _Recorder()
+    options = LoopOptions(epochs=2, device=torch.device("cpu"), log_every=1)
+    method = Baseline(data=data, criterion=nn.CrossEntropyLoss())
+    fit(model, method, data, opt, constant(opt, 2, len(data.train)), tracker, options)
+    steps = [m["train/loss"] for _, m in tracker.logged if "train/loss" in m]
+    epochs = [m["train/epoch_loss"] for _, m in tracker.logged if "train/epoch_loss" in m]
+    assert epochs == pytest.approx([sum(steps[:14]) / 14, sum(steps[14:]) / 14], rel=1e-6)
