@@ -124,12 +124,23 @@ _NOT_HASHED = (
 )
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A short, stable hash of everything in ``cfg`` that determines the trained model."""
-    kept = {
-        k: v
-        for k, v in OmegaConf.to_container(cfg, resolve=True).items()  # type: ignore[union-attr]
-        if k not in _NOT_HASHED
-    }
+def _digest(kept: dict) -> str:
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short, stable hash of everything in ``cfg`` that determines the trained model."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    return _digest({k: v for k, v in resolved.items() if k not in _NOT_HASHED})
+
+
+def pretrain_key(cfg: DictConfig) -> str:
+    """The key under which a baseline trained from scratch is reused: model, dataset and seed.
+
+    The schedule is left out on purpose: a sweep over a student's schedule reuses one teacher.
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    return _digest({k: resolved[k] for k in ("model", "dataset", "seed")})

@@ -6,10 +6,11 @@ from a trained model) name their weights the same way:
 - a path to a state_dict or kdexp checkpoint;
 - an MLflow run id, or ``runs:/<run id>[/<artifact path>]``: the run's ``checkpoints/final.pt``
   (or ``best.pt``) is downloaded;
-- ``auto``: the newest FINISHED run whose config hash equals that of a plain baseline run of this
-  model on the same dataset, schedule and seed. When there is none, kdexp trains that baseline
-  first, as a run of its own, and every later run with the same hash reuses it: a sweep over ten
-  students trains its teacher once. A file lock keeps parallel jobs from training it twice.
+- ``auto``: the newest FINISHED baseline run trained from scratch with the same model config,
+  dataset config and seed (its ``kdexp.pretrain_key`` tag). When there is none, kdexp trains that
+  baseline first, as a run of its own with this run's schedule, and every later run with the same
+  key reuses it: a sweep over ten students trains its teacher once. A file lock keeps parallel
+  jobs from training it twice.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdexp.config import config_hash
+from kdexp.config import pretrain_key
 from kdexp.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,13 @@ def resolve(
             return Path(source).expanduser()
         return tracker.fetch(source, CHECKPOINT_ARTIFACTS, out_dir / "inputs", key)
     sub = baseline_config(cfg, model_cfg)
-    digest = config_hash(sub)
+    digest = pretrain_key(sub)
     with tracker.lock(digest):
-        found = tracker.find_finished({"kdexp.config_hash": digest})
+        found = tracker.find_finished({"kdexp.pretrain_key": digest})
         if found is not None:
-            log.info("%s: reusing run %s (config hash %s)", key, found, digest)
+            log.info("%s: reusing run %s (pretrain key %s)", key, found, digest)
             return tracker.fetch(found, CHECKPOINT_ARTIFACTS, out_dir / "inputs" / found, key)
-        log.info("%s: no finished run has config hash %s; training it first", key, digest)
+        log.info("%s: no finished run has pretrain key %s; training it first", key, digest)
         from kdexp.run import Job, execute  # run.py imports this module
 
         result = execute(sub, Job(names, out_dir / key, {"kdexp.trained_for": key}))

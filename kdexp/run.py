@@ -22,8 +22,9 @@ from torch import nn
 
 import kdexp
 from kdexp.checkpoint import load_weights, read_state_dict, save_checkpoint
-from kdexp.config import config_hash, flatten, resolve_device, validate
+from kdexp.config import config_hash, flatten, pretrain_key, resolve_device, validate
 from kdexp.errors import ConfigError
+from kdexp.method.baseline import Baseline
 from kdexp.plots import learning_curves
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.stats import model_stats
@@ -119,14 +120,17 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
     trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = instantiate(cfg.schedule.optimizer)(params=params)
+    # A method that does not train (post-training quantization) asks for fewer loop epochs; the
+    # schedule stays that of the baseline it starts from (checkpoint=auto hashes it).
+    epochs = getattr(method, "loop_epochs", None) or cfg.schedule.epochs
     scheduler = instantiate(cfg.schedule.scheduler)(
         optimizer,
-        epochs=cfg.schedule.epochs,
+        epochs=epochs,
         steps_per_epoch=len(data.train),  # type: ignore[arg-type]
     )
     checkpoint_dir = job.out_dir / "checkpoints"
     options = LoopOptions(
-        epochs=cfg.schedule.epochs,
+        epochs=epochs,
         device=device,
         grad_clip=cfg.schedule.grad_clip,
         amp=cfg.amp,
@@ -137,6 +141,8 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
     names = {k: job.names[k] for k in ("method", "model", "dataset")}
     run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
     tags = {**_tags(cfg, job.names, device), **job.tags}
+    if method_class is Baseline and cfg.checkpoint is None:  # reusable as a teacher or start
+        tags["kdexp.pretrain_key"] = pretrain_key(cfg)
     with tracker.run(run_name.replace("/", "."), dict(flatten(cfg)), tags):
         result = fit(trained, method, data, optimizer, scheduler, tracker, options)
         if cfg.test_on == "best":

@@ -271,3 +271,24 @@ def test_paper_preset_runs_one_epoch_on_synthetic_data_of_its_shape(compose_cfg,
         "latency_repeats=1",
     )
     assert 0.0 <= run(cfg) <= 100.0
+
+
+@pytest.mark.slow
+def test_teacher_from_a_run_id_a_runs_uri_or_reused_across_schedules(compose_cfg, tmp_path) -> None:
+    store = [*tracking_overrides(tmp_path), "latency_repeats=1"]
+    run(compose_cfg("method=baseline", "model=mlp_800", "schedule.epochs=2", *store))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("test").experiment_id
+    (teacher,) = client.search_runs([experiment])
+    students = [
+        ["model@teacher=mlp_800", f"teacher_checkpoint={teacher.info.run_id}"],
+        ["model@teacher=mlp_800", f"teacher_checkpoint=runs:/{teacher.info.run_id}"],
+        ["model@teacher=mlp_800", "schedule.lr=0.01"],  # auto: same model, data and seed
+    ]
+    for overrides in students:
+        run(compose_cfg(*overrides, "schedule.epochs=1", *store))
+    runs = client.search_runs([experiment])
+    assert len(runs) == 4  # no second teacher was trained
+    for student in (r for r in runs if r.info.run_id != teacher.info.run_id):
+        assert student.data.tags["method"] == "distill/kd"
+        assert student.data.metrics["teacher/test_acc1"] == teacher.data.metrics["test/acc1"]
