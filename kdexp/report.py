@@ -1,0 +1,251 @@
+"""``kdexp-report``: compare finished runs as a table (Markdown and CSV) and plots (PNG).
+
+One row per configuration: runs that differ only in their seed are grouped, and each column gives
+mean ± std over the seeds. Best-epoch and last-epoch validation accuracy stay in separate columns,
+since comparisons with papers often confuse the two. The plots put test accuracy against model
+size, latency and sparsity with the Pareto front marked, overlay the runs' sparsity curves, and
+draw each configuration's validation curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdexp.errors import ConfigError
+from kdexp.tracking.query import RunRecord, load_runs, log_report
+
+#: Params that do not make a configuration different: the seed and how a run is executed.
+_IGNORED = (
+    "seed",
+    "device",
+    "log_every",
+    "latency_repeats",
+    "objective",
+    "compile",
+    "channels_last",
+    "tracking.",
+)
+#: (column, metric) pairs of the table; accuracies are in %.
+COLUMNS = (
+    ("test/acc1", "test/acc1"),
+    ("best val/acc1", "best/val_acc1"),
+    ("last val/acc1", "last/val_acc1"),
+    ("params", "model/params"),
+    ("nonzero params", "model/nonzero_params"),
+    ("size (bytes)", "model/size_bytes"),
+    ("latency (ms)", "model/latency_ms"),
+    ("FLOPs", "model/flops"),
+)
+
+
+@dataclass
+class Row:
+    """One configuration: its label, its runs, and mean and std of each metric over them."""
+
+    label: str
+    runs: list[RunRecord]
+    mean: dict[str, float]
+    std: dict[str, float]
+
+
+def _config_key(run: RunRecord) -> str:
+    kept = {k: v for k, v in run.params.items() if not k.startswith(_IGNORED)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def group(runs: Sequence[RunRecord]) -> list[Row]:
+    """Group runs by configuration (all params but the seed) and aggregate their metrics.
+
+    A row is labelled method/model/dataset (and teacher); where several configurations share
+    that label, the params that tell them apart are appended.
+    """
+    groups: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(_config_key(run), []).append(run)
+    by_label: dict[str, list[list[RunRecord]]] = {}
+    for members in groups.values():
+        tags = members[0].tags
+        parts = [tags.get(k, "?") for k in ("method", "model", "dataset")]
+        if "teacher" in tags:
+            parts.append(f"teacher {tags['teacher']}")
+        by_label.setdefault(" / ".join(parts), []).append(members)
+    rows = []
+    for label, configs in by_label.items():
+        varying = _varying_params([members[0] for members in configs]) if len(configs) > 1 else []
+        for members in configs:
+            extra = [f"{k}={members[0].params[k]}" for k in varying if k in members[0].params]
+            rows.append(_aggregate(" ".join([label, *extra]), members))
+    return sorted(rows, key=lambda r: -r.mean.get("test/acc1", float("-inf")))
+
+
+def _varying_params(representatives: list[RunRecord]) -> list[str]:
+    """Params whose value differs between configurations (what tells the rows apart)."""
+    keys = sorted({k for r in representatives for k in r.params if not k.startswith(_IGNORED)})
+    return [
+        k
+        for k in keys
+        if not k.endswith("_target_") and len({r.params.get(k) for r in representatives}) > 1
+    ]
+
+
+def _aggregate(label: str, runs: list[RunRecord]) -> Row:
+    mean, std = {}, {}
+    for _, metric in COLUMNS:
+        values = [r.metrics[metric] for r in runs if metric in r.metrics]
+        if values:
+            mean[metric] = statistics.fmean(values)
+            std[metric] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return Row(label, runs, mean, std)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: smaller x (cost) and larger y (accuracy)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _cell(row: Row, metric: str) -> str:
+    if metric not in row.mean:
+        return "—"
+    mean, std = row.mean[metric], row.std[metric]
+    if metric.endswith(("acc1", "acc5")):
+        return f"{mean:.2f} ± {std:.2f}"
+    if metric.endswith("latency_ms"):
+        return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:,.0f}"
+
+
+def write_tables(rows: list[Row], folder: Path) -> list[Path]:
+    """``comparison.md`` and ``comparison.csv`` (the CSV holds plain means and stds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = ["configuration", "seeds", *[c for c, _ in COLUMNS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.label, str(len(row.runs)), *[_cell(row, m) for _, m in COLUMNS]]
+        lines.append("| " + " | ".join(cells) + " |")
+    markdown = folder / "comparison.md"
+    markdown.write_text("\n".join(lines) + "\n")
+    table = folder / "comparison.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["configuration", "seeds"] + [f"{m} {s}" for _, m in COLUMNS for s in ("mean", "std")]
+        )
+        for row in rows:
+            values = [v for _, m in COLUMNS for v in (row.mean.get(m, ""), row.std.get(m, ""))]
+            writer.writerow([row.label, len(row.runs), *values])
+    return [markdown, table]
+
+
+def write_plots(rows: list[Row], folder: Path) -> list[Path]:
+    """Accuracy against size, latency and sparsity (Pareto front marked); sparsity and
+    validation curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    usable = [r for r in rows if "test/acc1" in r.mean]
+    axes_spec = [
+        ("model size (bytes)", lambda r: r.mean.get("model/size_bytes")),
+        ("latency at batch 1 (ms)", lambda r: r.mean.get("model/latency_ms")),
+        (
+            "density (nonzero / params)",
+            lambda r: (
+                r.mean["model/nonzero_params"] / r.mean["model/params"]
+                if "model/params" in r.mean
+                else None
+            ),
+        ),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    for ax, (xlabel, cost) in zip(axes, axes_spec, strict=True):
+        points = [(cost(r), r.mean["test/acc1"], r.label) for r in usable if cost(r) is not None]
+        for x, y, label in points:
+            ax.scatter(x, y)
+            ax.annotate(label, (x, y), fontsize=7)
+        front = [points[i] for i in pareto_front([(x, y) for x, y, _ in points])]
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "k--", label="Pareto front")
+            ax.legend()
+        ax.set(xlabel=xlabel, ylabel="test/acc1 (%)")
+    fig.subplots_adjust(wspace=0.3)
+    written.append(folder / "accuracy_vs_cost.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    for metric, name, ylabel in (
+        ("sparsity/global", "sparsity_curves.png", "sparsity"),
+        ("val/acc1", "training_curves.png", "val/acc1 (%)"),
+    ):
+        curves = [
+            (row.label, run) for row in rows for run in row.runs[:1] if metric in run.histories
+        ]
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for label, run in curves:
+            steps, values = zip(*run.histories[metric], strict=True)
+            ax.plot(steps, values, label=label)
+        ax.set(xlabel="step", ylabel=ylabel)
+        ax.legend(fontsize=7)
+        written.append(folder / name)
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script; returns the exit status."""
+    from kdexp.tracking.mlflow import default_uri
+
+    parser = argparse.ArgumentParser(prog="kdexp-report", description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="kdexp", help="MLflow experiment name")
+    parser.add_argument("--tracking-uri", default=None, help="default: outputs/mlflow.db here")
+    parser.add_argument("--sweep-dir", default=None, help="only the jobs of this multirun folder")
+    parser.add_argument("--filter", default="", help="an MLflow search filter string")
+    parser.add_argument("--out", default=None, help="default: outputs/reports/<experiment>")
+    parser.add_argument("--log-to", default=None, help="run id to attach the report to")
+    args = parser.parse_args(argv)
+    uri = args.tracking_uri or default_uri()
+    filters = [args.filter] if args.filter else []
+    if args.sweep_dir:
+        filters.append(f"tags.sweep_dir = '{Path(args.sweep_dir).resolve()}'")
+    try:
+        runs = load_runs(
+            uri, args.experiment, " and ".join(filters), histories=("val/acc1", "sparsity/global")
+        )
+        if not runs:
+            raise ConfigError(
+                "--filter", " and ".join(filters), "a filter that FINISHED runs match"
+            )
+    except ConfigError as error:
+        print(f"kdexp-report: error: {error}", file=sys.stderr)
+        return 2
+    rows = group(runs)
+    folder = Path(args.out or Path("outputs", "reports", args.experiment))
+    paths = write_tables(rows, folder) + write_plots(rows, folder)
+    if args.log_to:
+        log_report(uri, args.log_to, paths)
+    print((folder / "comparison.md").read_text())
+    print(f"kdexp-report: {len(runs)} runs, {len(rows)} configurations; written to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
