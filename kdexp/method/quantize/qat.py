@@ -1,0 +1,152 @@
+"""Quantization-aware training at 8, 4, 2 or 1 bits, optionally with a distillation loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdexp.dataset.base import Data
+from kdexp.errors import ConfigError
+from kdexp.method.base import Method
+from kdexp.method.quantize import backend
+from kdexp.method.quantize.common import QuantMethod, calibration_inputs, check_calibration
+from kdexp.method.quantize.fake import (
+    QuantConv2d,
+    QuantLinear,
+    plain_copy,
+    qrange,
+    quantizable_layers,
+    set_module,
+    to_fake,
+)
+from kdexp.method.quantize.packed import packed_from
+
+BITS = (8, 4, 2, 1)
+
+
+class QAT(QuantMethod):
+    """Quantization-aware training: fake-quantized weights (and optionally activations).
+
+    Every Conv2d and Linear is replaced in ``prepare`` by a fake-quantizing copy
+    (:mod:`kdexp.method.quantize.fake`): per-output-channel symmetric quantizers with the
+    straight-through estimator at 8/4/2 bits, min-max steps or learned ones (``lsq``; Esser et al.
+    2020), and ``sign(w) · mean|w|`` at 1 bit (XNOR-Net; Rastegari et al. 2016). The first and
+    last layers stay at 8 bits unless ``keep_first_last_8bit`` is false.
+
+    ``finalize`` returns, at 8 bits, the int8 model of the backend (activations calibrated on
+    ``calibration_batches`` training batches); at 4/2/1 bits a model whose quantized layers hold
+    their weights packed (:mod:`kdexp.method.quantize.packed`; reload with ``load_packed``).
+
+    With ``distill`` (a distillation method's partial config, e.g. ``+method/distill@method.distill
+    =kd``) the loss is that method's, with the fake-quantized model as its student.
+    """
+
+    def __init__(
+        self,
+        *,
+        data: Data,
+        criterion: nn.Module,
+        bits: int = 4,
+        lsq: bool = False,
+        quantize_activations: bool = False,
+        keep_first_last_8bit: bool = True,
+        calibration_batches: int = 8,
+        distill: Callable[..., Method] | None = None,
+        teacher: nn.Module | None = None,
+    ) -> None:
+        super().__init__(data=data, criterion=criterion)
+        if isinstance(bits, bool) or bits not in BITS:
+            raise ConfigError("method.bits", bits, "one of 8, 4, 2, 1")
+        if bits == 8:
+            check_calibration(data, calibration_batches)
+        self.bits, self.lsq = int(bits), bool(lsq)
+        self.quantize_activations = bool(quantize_activations)
+        self.keep_first_last_8bit = bool(keep_first_last_8bit)
+        self.calibration_batches = calibration_batches
+        self.layer_bits: dict[str, int] = {}
+        self.distiller: Method | None = None
+        if distill is not None:
+            if teacher is None:
+                raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
+            self.distiller = distill(data=data, criterion=criterion, teacher=teacher)
+
+    # -- the Method protocol ------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Replace each Conv2d/Linear by its fake-quantizing copy; then the distiller's prepare."""
+        layers = quantizable_layers(model)
+        if not layers:
+            raise ConfigError(
+                "method", "quantize/qat", f"a model with Conv2d or Linear layers ({type(model)})"
+            )
+        ends = {layers[0][0], layers[-1][0]} if self.keep_first_last_8bit else set()
+        for name, module in layers:
+            bits = 8 if name in ends else self.bits
+            self.layer_bits[name] = bits
+            set_module(model, name, to_fake(module, bits, self.lsq, self.quantize_activations))
+        if self.distiller is not None:
+            model = self.distiller.prepare(model)
+        return model
+
+    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        """The distiller's terms, or cross-entropy."""
+        if self.distiller is not None:
+            return self.distiller.loss(inputs, targets, logits)
+        return super().loss(inputs, targets, logits)
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return self.distiller.after_step(step) if self.distiller is not None else {}
+
+    def after_epoch(self, epoch: int) -> dict[str, float]:
+        return self.distiller.after_epoch(epoch) if self.distiller is not None else {}
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """The int8 model (8 bits) or the packed model (fewer bits)."""
+        fakes = {
+            n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))
+        }
+        latent = {n: m.weight.detach().clone() for n, m in fakes.items()}
+        with torch.no_grad():
+            dequantized = {n: m.weight_quantizer(m.weight).detach() for n, m in fakes.items()}
+        plain = model
+        for name, module in fakes.items():  # the fp32 model with the quantized weights
+            set_module(plain, name, plain_copy(module))
+        device = next(plain.parameters()).device
+        self.record_fp32(plain)
+        self.record_errors(latent, dequantized, self.layer_bits)
+        self.set_nonzero(plain, dequantized)
+        if self.bits == 8:
+            batches = calibration_inputs(self.data, self.calibration_batches)
+            quantized = backend.quantize_static(plain, batches)
+            return quantized if device.type == "cpu" else backend.OnCpu(quantized)
+        for name, module in fakes.items():
+            set_module(plain, name, _packed(module))
+        return plain.eval()
+
+    def final_metrics(self) -> dict[str, float]:
+        metrics = super().final_metrics()
+        if self.distiller is not None:
+            metrics.update(self.distiller.final_metrics())
+        return metrics
+
+    def write_artifacts(self, folder: Any) -> list[Any]:
+        paths = super().write_artifacts(folder)
+        if self.distiller is not None:
+            paths += self.distiller.write_artifacts(folder)
+        return paths
+
+
+def _packed(module: QuantConv2d | QuantLinear) -> nn.Module:
+    """The packed layer holding ``module``'s quantized weight (and its activation step)."""
+    codes, scale = module.weight_quantizer.codes(module.weight)
+    layer = packed_from(module)
+    layer.set_packed(codes.to(torch.int32), scale, module.weight_quantizer.bits)  # type: ignore[operator]
+    act = module.act_quantizer
+    if act is not None:
+        qn, qp = qrange(act.bits, bool(act.signed))
+        layer.act_qparams = torch.tensor(
+            [float(act.current_scale()), -qn, qp], device=module.weight.device
+        )
+    return layer
