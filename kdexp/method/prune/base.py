@@ -1,0 +1,320 @@
+"""What every pruning method shares: the schedule of mask updates, the choice of prunable layers,
+re-applying masks after each optimizer step, optional distillation, the dense model's statistics,
+and the sparsity metrics and artifacts.
+
+A method subclasses :class:`Pruner` and implements
+
+- ``setup(model)``: find its prunable units (weights, channel groups) once, before training;
+- ``update(target)``: recompute its masks for the target sparsity and return the per-layer
+  sparsities (fractions of weights or channels removed), ``""`` keyed to the global one;
+- ``apply_masks()``: zero what is pruned (called after every optimizer step);
+- and, if it shrinks the model, ``finalize``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdexp.dataset.base import Data
+from kdexp.errors import ConfigError
+from kdexp.features import module_names
+from kdexp.method.base import Method
+from kdexp.method.prune.schedule import SCHEDULES, plan
+from kdexp.stats import count_params, flops, latency_ms
+
+log = logging.getLogger(__name__)
+
+PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
+SCOPES = ("global", "layerwise")
+
+
+def describe_names(model: nn.Module, limit: int = 60) -> str:
+    """The model's module paths, for an error message."""
+    names = [n for n in module_names(model) if n != "penultimate"]
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def select_layers(
+    model: nn.Module,
+    layers: Sequence[str] | None,
+    keep_first: bool,
+    keep_last: bool,
+) -> dict[str, nn.Module]:
+    """The prunable Conv/Linear modules by path: ``layers`` if given, else all of them minus the
+    first (``keep_first``) and the last, the classifier (``keep_last``)."""
+    modules = dict(model.named_modules())
+    if layers is not None:
+        chosen = {}
+        for path in layers:
+            if not path or path not in modules:
+                raise ConfigError(
+                    "method.layers",
+                    path,
+                    f"a module path of {type(model).__name__}: " + describe_names(model),
+                )
+            if not isinstance(modules[path], PRUNABLE):
+                prunable = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
+                raise ConfigError(
+                    "method.layers",
+                    path,
+                    f"a Conv or Linear module ({path} is {type(modules[path]).__name__}): "
+                    + ", ".join(prunable),
+                )
+            chosen[path] = modules[path]
+        return chosen
+    found = [(n, m) for n, m in modules.items() if n and isinstance(m, PRUNABLE)]
+    if keep_first:
+        found = found[1:]
+    if keep_last:
+        found = found[:-1]
+    if not found:
+        raise ConfigError("method.layers", layers, "a model with a Conv or Linear layer to prune")
+    return dict(found)
+
+
+class Pruner(Method):
+    """Base of the pruning methods: loss = CE (or the distiller's terms) + the method's terms.
+
+    Masks are updated at the steps of the schedule and re-applied after every optimizer step, so
+    pruned weights stay exactly zero while the rest is fine-tuned.
+    """
+
+    starts_from_trained = True
+
+    def __init__(
+        self,
+        *,
+        data: Data,
+        criterion: nn.Module,
+        sparsity: float,
+        epochs: int,
+        schedule: str = "oneshot",
+        scope: str = "global",
+        keep_first: bool = False,
+        keep_last: bool = False,
+        layers: Sequence[str] | None = None,
+        initial_sparsity: float = 0.0,
+        start_epoch: int = 0,
+        frequency: int = 10,
+        updates: int = 10,
+        rounds: int = 3,
+        epochs_per_round: int = 1,
+        calibration_batches: int = 8,
+        distill: Callable[..., Method] | None = None,
+        teacher: nn.Module | None = None,
+    ) -> None:
+        super().__init__(data=data, criterion=criterion)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, int | float):
+            raise ConfigError("method.sparsity", sparsity, "a fraction in [0, 1)")
+        if not 0 <= sparsity < 1:
+            raise ConfigError("method.sparsity", sparsity, "a fraction in [0, 1)")
+        if scope not in SCOPES:
+            raise ConfigError("method.scope", scope, "one of " + ", ".join(SCOPES))
+        if schedule not in SCHEDULES:
+            raise ConfigError("method.schedule", schedule, "one of " + ", ".join(SCHEDULES))
+        if not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ConfigError("method.calibration_batches", calibration_batches, "a positive int")
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError("method.epochs", epochs, "a positive integer (${schedule.epochs})")
+        steps_per_epoch = len(data.train)  # type: ignore[arg-type]
+        self.sparsity, self.schedule, self.scope = float(sparsity), schedule, scope
+        self.keep_first, self.keep_last = keep_first, keep_last
+        self.layers = list(layers) if layers is not None else None
+        self.calibration_batches = calibration_batches
+        self.plan = plan(
+            schedule,
+            float(sparsity),
+            total_steps=epochs * steps_per_epoch,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+            initial_sparsity=initial_sparsity,
+            start_epoch=start_epoch,
+            frequency=frequency,
+            updates=updates,
+            rounds=rounds,
+            epochs_per_round=epochs_per_round,
+        )
+        self._updates = dict(self.plan)
+        self.distiller: Method | None = None
+        if distill is not None:
+            if teacher is None:
+                raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
+            self.distiller = distill(data=data, criterion=criterion, teacher=teacher)
+        self.curve: list[tuple[int, float, float]] = []  # (step, target, reached)
+        self.layer_sparsity: dict[str, float] = {}
+        self.rounds_done = 0
+        self._dense: nn.Module | None = None
+
+    # -- for subclasses -----------------------------------------------------------------------
+    def setup(self, model: nn.Module) -> None:
+        """Find the prunable units of ``model``; raise ConfigError for bad layer choices."""
+        raise NotImplementedError
+
+    def update(self, target: float) -> dict[str, float]:
+        """New masks for ``target``; the sparsity reached per layer and globally (key ``""``)."""
+        raise NotImplementedError
+
+    def apply_masks(self) -> None:
+        """Zero what is pruned."""
+        raise NotImplementedError
+
+    def extra_terms(self) -> dict[str, Tensor]:
+        """The method's own loss terms; none by default."""
+        return {}
+
+    @property
+    def model(self) -> nn.Module:
+        model = self.__dict__.get("_model")
+        if model is None:
+            raise RuntimeError("prepare(model) has not been called")
+        return model
+
+    # -- the Method protocol ------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Keep a CPU copy of the dense model, choose the prunable layers, prepare distillation."""
+        # A plain attribute, not a submodule: not trained, not moved, not in method.parameters().
+        self.__dict__["_dense"] = copy.deepcopy(model).cpu().eval().requires_grad_(False)
+        if self.distiller is not None:
+            model = self.distiller.prepare(model)
+        # Kept out of the method's submodules: its parameters belong to the model.
+        self.__dict__["_model"] = model
+        self.setup(model)
+        return model
+
+    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        """The distiller's terms (or CE) plus the method's own terms (``reg``)."""
+        if self.distiller is not None:
+            terms = self.distiller.loss(inputs, targets, logits)
+        else:
+            terms = {"ce": self.criterion(logits, targets)}
+        return {**terms, **self.extra_terms()}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Update the masks at the schedule's steps (returning the sparsities); re-apply them."""
+        metrics: dict[str, float] = {}
+        if self.distiller is not None:
+            metrics.update(self.distiller.after_step(step))
+        target = self._updates.get(step)
+        if target is None:
+            with torch.no_grad():
+                self.apply_masks()
+            return metrics
+        reached = self.update(target)
+        with torch.no_grad():
+            self.apply_masks()
+        self.layer_sparsity = {k: v for k, v in reached.items() if k}
+        self.curve.append((step, target, reached[""]))
+        self.rounds_done += 1
+        metrics.update(
+            {
+                "sparsity/global": reached[""],
+                "sparsity/target": target,
+                **{f"sparsity/{k}": v for k, v in self.layer_sparsity.items()},
+            }
+        )
+        if self.schedule == "iterative":
+            metrics["prune/round"] = self.rounds_done
+            log.info("pruning round %d: sparsity %.4f", self.rounds_done, reached[""])
+        return metrics
+
+    def after_epoch(self, epoch: int) -> dict[str, float]:
+        return self.distiller.after_epoch(epoch) if self.distiller is not None else {}
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Apply the final masks (also to best-epoch weights reloaded by ``test_on=best``)."""
+        if self.distiller is not None:
+            model = self.distiller.finalize(model)
+        with torch.no_grad():
+            self.apply_masks()
+        return model
+
+    def final_metrics(self) -> dict[str, float]:
+        """``model/dense_{params,flops,latency_ms}`` of the starting model, the final sparsity."""
+        metrics = dict(self.distiller.final_metrics()) if self.distiller is not None else {}
+        if self._dense is not None:
+            self._dense.eval()
+            one = torch.randn(1, *self.data.input_shape)
+            metrics.update(
+                {
+                    "model/dense_params": count_params(self._dense)[0],
+                    "model/dense_flops": flops(self._dense, one),
+                    "model/dense_latency_ms": latency_ms(self._dense, one),
+                }
+            )
+        if self.curve:
+            metrics["prune/final_sparsity"] = self.curve[-1][2]
+        return metrics
+
+    def write_artifacts(self, folder: Path) -> list[Path]:
+        """``sparsity_curve.png``, ``layer_sparsity.png`` and ``layer_sparsity.csv``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        steps = [c[0] for c in self.curve]
+        ax.plot(steps, [c[1] for c in self.curve], "o--", label="target")
+        ax.plot(steps, [c[2] for c in self.curve], ".-", label="reached")
+        ax.set(xlabel="step", ylabel="sparsity", title=f"{self.schedule} schedule")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(folder / "sparsity_curve.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
+        names = list(self.layer_sparsity)
+        fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(names) + 2), 3.8))
+        ax.bar(range(len(names)), [self.layer_sparsity[n] for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set(ylabel="sparsity", ylim=(0, 1), title="per-layer sparsity")
+        fig.tight_layout()
+        paths.append(folder / "layer_sparsity.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
+        paths.append(folder / "layer_sparsity.csv")
+        with paths[-1].open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["layer", *self.csv_columns()])
+            for name in names:
+                writer.writerow([name, *self.csv_row(name)])
+        return paths
+
+    def csv_columns(self) -> list[str]:
+        return ["sparsity"]
+
+    def csv_row(self, name: str) -> list[Any]:
+        return [f"{self.layer_sparsity[name]:.6f}"]
+
+    # -- helpers ------------------------------------------------------------------------------
+    def calibration_gradients(self, accumulate: Callable[[], None]) -> None:
+        """Forward and backward ``calibration_batches`` training batches (plain CE, eval mode so
+        that BatchNorm statistics stay put); ``accumulate`` reads the gradients after each."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        for p in model.parameters():
+            p.grad = None
+        for i, (inputs, targets) in enumerate(self.data.train):
+            if i >= self.calibration_batches:
+                break
+            with torch.enable_grad():
+                loss = self.criterion(model(inputs.to(device)), targets.to(device))
+                loss.backward()
+            accumulate()
+            for p in model.parameters():
+                p.grad = None
+        model.train(was_training)
