@@ -17,7 +17,8 @@ from torch import nn
 
 from kdexp.dataset.base import Data, TensorLoader
 from kdexp.errors import ConfigError
-from kdexp.method.distill.at import AT, at_loss, attention_map, pool_to_common_size
+from kdexp.method.distill.at import AT, at_loss, attention_map
+from kdexp.method.distill.base import pool_to_common_size
 from kdexp.method.distill.crd import CRD, ContrastiveMemory, Embed, nce_contrast_loss
 from kdexp.method.distill.dkd import DKD, dkd_loss
 from kdexp.method.distill.fitnet import FitNet, hint_loss

@@ -16,6 +16,7 @@ hooks (:class:`kdexp.features.FeatureTap`); ``penultimate`` is the classifier's 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,25 @@ from kdexp.dataset.base import Data, TensorLoader
 from kdexp.errors import ConfigError
 from kdexp.features import FeatureTap
 from kdexp.method.base import Method
+
+
+def pool_to_common_size(fs: Tensor, ft: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive-average-pool two ``b×c×h×w`` maps to their common (smallest) spatial size.
+
+    A map already at the smaller size is returned unchanged; channel counts may differ.
+    """
+    if fs.dim() != 4 or ft.dim() != 4:
+        raise ValueError(
+            f"expected b×c×h×w feature maps, got {tuple(fs.shape)} and {tuple(ft.shape)}"
+        )
+    if fs.shape[0] != ft.shape[0]:
+        raise ValueError(f"batch sizes differ: {fs.shape[0]} and {ft.shape[0]}")
+    size = (min(fs.shape[2], ft.shape[2]), min(fs.shape[3], ft.shape[3]))
+    if tuple(fs.shape[2:]) != size:
+        fs = F.adaptive_avg_pool2d(fs, size)
+    if tuple(ft.shape[2:]) != size:
+        ft = F.adaptive_avg_pool2d(ft, size)
+    return fs, ft
 
 
 def kd_loss(s_logits: Tensor, t_logits: Tensor, T: float) -> Tensor:
@@ -196,3 +216,73 @@ class Distiller(Method):
         self.student.train(was_training)
         count = max(count, 1)
         return {f"{split}/agreement": 100.0 * agree / count, f"{split}/kl": kl / count}
+
+
+def require_layers(method: Distiller, name: str) -> None:
+    """Raise :class:`ConfigError` unless ``method`` taps at least one pair of layers."""
+    if not method.student_layers:
+        raise ConfigError(
+            "method.student_layers",
+            method.student_layers,
+            f"at least one layer: {name} compares student and teacher features "
+            "(with method.teacher_layers of the same length)",
+        )
+
+
+def require_feature_maps(
+    method: Distiller, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], name: str
+) -> None:
+    """Raise :class:`ConfigError` unless every tapped feature is a ``b×c×h×w`` map."""
+    for key, layers, shapes in (
+        ("method.student_layers", method.student_layers, s_shapes),
+        ("method.teacher_layers", method.teacher_layers, t_shapes),
+    ):
+        for layer, shape in zip(layers, shapes, strict=True):
+            if len(shape) != 4:
+                raise ConfigError(
+                    key,
+                    layer,
+                    f"a convolutional layer with b×c×h×w outputs: {name} compares spatial maps, "
+                    f"and {layer!r} gives shape {tuple(shape)}",
+                )
+
+
+class PairedFeatureLoss(Distiller):
+    """A method whose own term is β · Σ over the layer pairs of one feature loss.
+
+    Subclasses set ``term`` (the loss term's name) and ``feature_maps`` (whether the tapped
+    layers must give ``b×c×h×w`` maps), and implement :meth:`pair_loss`. Features are compared in
+    float32.
+    """
+
+    term = ""
+    feature_maps = False
+
+    def __init__(self, *, beta: float, **kwargs: Any) -> None:
+        if beta < 0:
+            raise ConfigError("method.beta", beta, "a non-negative weight")
+        super().__init__(**kwargs)
+        require_layers(self, type(self).__name__)
+        self.beta = beta
+
+    def pair_loss(self, fs: Tensor, ft: Tensor) -> Tensor:
+        """The loss between one student feature and one teacher feature."""
+        raise NotImplementedError
+
+    def build_connectors(self, s_shapes: list[torch.Size], t_shapes: list[torch.Size]) -> None:
+        """No connectors; checks that the layers give feature maps where the loss needs them."""
+        if self.feature_maps:
+            require_feature_maps(self, s_shapes, t_shapes, type(self).__name__)
+
+    def distill_terms(
+        self,
+        s_logits: Tensor,
+        t_logits: Tensor,
+        s_feats: list[Tensor],
+        t_feats: list[Tensor],
+        targets: Tensor,
+    ) -> dict[str, Tensor]:
+        """``term``: β times :meth:`pair_loss` summed over the layer pairs."""
+        pairs = zip(s_feats, t_feats, strict=True)
+        total = torch.stack([self.pair_loss(fs.float(), ft.float()) for fs, ft in pairs]).sum()
+        return {self.term: self.beta * total}

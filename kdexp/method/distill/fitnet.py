@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdexp.errors import ConfigError
-from kdexp.method.distill.at import pool_to_common_size, require_layers
-from kdexp.method.distill.base import Distiller
+from kdexp.method.distill.base import Distiller, pool_to_common_size, require_layers
 
 
 def hint_loss(student_proj: Tensor, teacher_feat: Tensor) -> Tensor:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.errors import ConfigError
-from kdexp.method.distill.at import pool_to_common_size, require_feature_maps, require_layers
-from kdexp.method.distill.base import Distiller
+from kdexp.method.distill.base import PairedFeatureLoss, pool_to_common_size
 
 
 def _mean_kernel(x: Tensor, y: Tensor) -> Tensor:
@@ -32,33 +29,17 @@ def nst_loss(fs: Tensor, ft: Tensor) -> Tensor:
     return (_mean_kernel(t, t) + _mean_kernel(s, s) - 2 * _mean_kernel(s, t)).mean()
 
 
-class NST(Distiller):
+class NST(PairedFeatureLoss):
     """Huang & Wang 2017, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer".
 
     loss = CE + β · Σ_layers MMD²(channels_s, channels_t), polynomial kernel k(x, y) = (xᵀy)².
     """
 
+    term, feature_maps = "nst", True
+
     def __init__(self, *, beta: float = 50.0, **kwargs: Any) -> None:
-        if beta < 0:
-            raise ConfigError("method.beta", beta, "a non-negative weight")
-        super().__init__(**kwargs)
-        require_layers(self, "NST")
-        self.beta = beta
+        super().__init__(beta=beta, **kwargs)
 
-    def build_connectors(self, s_shapes: list[torch.Size], t_shapes: list[torch.Size]) -> None:
-        """No connectors; checks that the tapped layers give feature maps."""
-        require_feature_maps(self, s_shapes, t_shapes, "NST")
-
-    def distill_terms(
-        self,
-        s_logits: Tensor,
-        t_logits: Tensor,
-        s_feats: list[Tensor],
-        t_feats: list[Tensor],
-        targets: Tensor,
-    ) -> dict[str, Tensor]:
-        """``nst``: β times the MMD loss summed over the layer pairs."""
-        total = torch.stack(
-            [nst_loss(fs.float(), ft.float()) for fs, ft in zip(s_feats, t_feats, strict=True)]
-        ).sum()
-        return {"nst": self.beta * total}
+    def pair_loss(self, fs: Tensor, ft: Tensor) -> Tensor:
+        """The NST loss of one layer pair."""
+        return nst_loss(fs, ft)

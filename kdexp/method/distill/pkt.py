@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.errors import ConfigError
-from kdexp.method.distill.at import require_layers
-from kdexp.method.distill.base import Distiller
+from kdexp.method.distill.base import PairedFeatureLoss
 
 
 def conditional_probabilities(e: Tensor) -> Tensor:
@@ -40,29 +38,17 @@ def pkt_loss(es: Tensor, et: Tensor, eps: float = 1e-7) -> Tensor:
     return (pt * torch.log((pt + eps) / (ps + eps))).sum() / b**2
 
 
-class PKT(Distiller):
+class PKT(PairedFeatureLoss):
     """Passalis & Tefas 2018, "Learning Deep Representations with Probabilistic Knowledge Transfer".
 
     loss = CE + β · Σ_ij P_t log(P_t/P_s) / b², P = row-normalised cosine kernel (cos + 1)/2.
     """
 
-    def __init__(self, *, beta: float = 30000.0, **kwargs: Any) -> None:
-        if beta < 0:
-            raise ConfigError("method.beta", beta, "a non-negative weight")
-        super().__init__(**kwargs)
-        require_layers(self, "PKT")
-        self.beta = beta
+    term, feature_maps = "pkt", False
 
-    def distill_terms(
-        self,
-        s_logits: Tensor,
-        t_logits: Tensor,
-        s_feats: list[Tensor],
-        t_feats: list[Tensor],
-        targets: Tensor,
-    ) -> dict[str, Tensor]:
-        """``pkt``: β times the divergence summed over the layer pairs."""
-        total = torch.stack(
-            [pkt_loss(fs.float(), ft.float()) for fs, ft in zip(s_feats, t_feats, strict=True)]
-        ).sum()
-        return {"pkt": self.beta * total}
+    def __init__(self, *, beta: float = 30000.0, **kwargs: Any) -> None:
+        super().__init__(beta=beta, **kwargs)
+
+    def pair_loss(self, fs: Tensor, ft: Tensor) -> Tensor:
+        """The PKT loss of one layer pair."""
+        return pkt_loss(fs, ft)

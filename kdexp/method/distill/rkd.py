@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdexp.errors import ConfigError
-from kdexp.method.distill.at import require_layers
-from kdexp.method.distill.base import Distiller
+from kdexp.method.distill.base import Distiller, require_layers
 
 
 def _normalised_distances(e: Tensor, eps: float = 1e-12) -> Tensor:

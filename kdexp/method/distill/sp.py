@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.errors import ConfigError
-from kdexp.method.distill.at import require_layers
-from kdexp.method.distill.base import Distiller
+from kdexp.method.distill.base import PairedFeatureLoss
 
 
 def similarity_matrix(f: Tensor) -> Tensor:
@@ -30,29 +27,17 @@ def sp_loss(fs: Tensor, ft: Tensor) -> Tensor:
     return (similarity_matrix(fs) - similarity_matrix(ft)).pow(2).sum() / b**2
 
 
-class SP(Distiller):
+class SP(PairedFeatureLoss):
     """Tung & Mori 2019, "Similarity-Preserving Knowledge Distillation".
 
     loss = CE + β · Σ_layers ‖G_s − G_t‖_F² / b², G = row-normalised F Fᵀ of the batch's features.
     """
 
-    def __init__(self, *, beta: float = 3000.0, **kwargs: Any) -> None:
-        if beta < 0:
-            raise ConfigError("method.beta", beta, "a non-negative weight")
-        super().__init__(**kwargs)
-        require_layers(self, "SP")
-        self.beta = beta
+    term, feature_maps = "sp", False
 
-    def distill_terms(
-        self,
-        s_logits: Tensor,
-        t_logits: Tensor,
-        s_feats: list[Tensor],
-        t_feats: list[Tensor],
-        targets: Tensor,
-    ) -> dict[str, Tensor]:
-        """``sp``: β times the similarity loss summed over the layer pairs."""
-        total = torch.stack(
-            [sp_loss(fs.float(), ft.float()) for fs, ft in zip(s_feats, t_feats, strict=True)]
-        ).sum()
-        return {"sp": self.beta * total}
+    def __init__(self, *, beta: float = 3000.0, **kwargs: Any) -> None:
+        super().__init__(beta=beta, **kwargs)
+
+    def pair_loss(self, fs: Tensor, ft: Tensor) -> Tensor:
+        """The SP loss of one layer pair."""
+        return sp_loss(fs, ft)
