@@ -3,7 +3,9 @@ unpickling, so a checkpoint crafted to run code is refused."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,10 +15,60 @@ from kdexp.errors import ConfigError
 
 def save_checkpoint(path: Path, model: nn.Module, **info: int | float) -> None:
     """Write ``{"model": state_dict, **info}`` atomically (temporary file, then rename)."""
+    save_state(path, {"model": model.state_dict(), **info})
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically: a temporary file in the same folder, flushed, then renamed.
+
+    A run killed while writing leaves the previous file intact, never a truncated one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": model.state_dict(), **info}, tmp)
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     tmp.replace(path)
+
+
+def _load(path: str | Path, key: str, what: str) -> Any:
+    """``torch.load(weights_only=True)`` of ``path``; a :class:`ConfigError` naming it otherwise."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(key, str(path), f"an existing {what} file ({file.resolve()} is not one)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or holding objects beyond tensors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            key,
+            str(path),
+            f"a {what} that torch.load(weights_only=True) reads; {file.resolve()} is not "
+            f"({reason})",
+        ) from None
+
+
+#: Entries every training checkpoint (``checkpoints/last.pt``) holds; see :mod:`kdexp.resume`.
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "step", "batch")
+
+
+def read_training_state(path: str | Path, key: str = "resume") -> dict[str, Any]:
+    """The full training state in ``path`` (model, optimizer, RNG, position...), for resuming.
+
+    Truncated or corrupt files, files holding anything beyond tensors and plain containers (a
+    crafted pickle), and weights-only files raise a :class:`ConfigError` that names the file.
+    """
+    state = _load(path, key, "training checkpoint")
+    missing = [k for k in TRAINING_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(
+            key,
+            str(path),
+            "a training checkpoint (checkpoints/last.pt of a run); "
+            f"{Path(path).expanduser().resolve()} lacks {', '.join(missing)}",
+        )
+    return state
 
 
 def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
@@ -24,18 +76,7 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
 
     ``key`` is the config key that named the file, for the error message.
     """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(
-            key, str(path), f"an existing checkpoint file ({file.resolve()} is not one)"
-        )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, corrupt, or holding objects beyond tensors
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(
-            key, str(path), f"a checkpoint that torch.load(weights_only=True) reads ({reason})"
-        ) from None
+    state = _load(path, key, "checkpoint")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

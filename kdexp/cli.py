@@ -22,11 +22,21 @@ def main(cfg: DictConfig) -> float:
     A config mistake (:class:`ConfigError`) exits with status 2 and removes the files Hydra wrote
     for the job, so nothing half-written is left. Any other error exits with status 1 and keeps
     its traceback in ``<output dir>/traceback.txt``; ``HYDRA_FULL_ERROR=1`` shows it instead.
+    SIGINT and SIGTERM stop training after the current step with a checkpoint, print how to
+    resume, and exit with status 130 and 143 (128 + the signal number).
     """
+    from kdexp.resume import Interrupted
     from kdexp.run import run  # imported here so that `kdexp --help` stays fast
 
     try:
         return run(cfg)
+    except Interrupted as stop:
+        print(
+            f"kdexp: {stop}; checkpoint in {stop.checkpoint}\nkdexp: resume with: {stop.command}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + stop.signum)
     except ConfigError as error:
         print(f"kdexp: error: {error}", file=sys.stderr, flush=True)
         _remove_job_files()

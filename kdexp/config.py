@@ -38,6 +38,9 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "latency_repeats", int)
     _one_of(cfg, "amp", (None, "bf16", "fp16"))
     _one_of(cfg, "test_on", ("best", "last"))
+    _one_of(cfg, "on_nonfinite", ("stop", "skip"))
+    if OmegaConf.select(cfg, "checkpoint_every_steps") is not None:
+        _positive(cfg, "checkpoint_every_steps", int)
     resolve_device(cfg.device)
     model_classes = OmegaConf.select(cfg, "model.num_classes")
     if model_classes is not None and model_classes != cfg.dataset.num_classes:
@@ -121,6 +124,8 @@ _NOT_HASHED = (
     "compile",
     "channels_last",
     "hydra",
+    "resume",
+    "checkpoint_every_steps",
 )
 
 

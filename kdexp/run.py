@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import subprocess
 import time
 import uuid
@@ -21,14 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import kdexp
-from kdexp.checkpoint import load_weights, read_state_dict, save_checkpoint
+from kdexp.checkpoint import load_weights, read_state_dict, read_training_state, save_checkpoint
 from kdexp.config import config_hash, flatten, pretrain_key, resolve_device, validate
 from kdexp.errors import ConfigError
 from kdexp.method.baseline import Baseline
 from kdexp.plots import learning_curves
 from kdexp.pretrained import resolve as resolve_trained
+from kdexp.resume import Interrupted
 from kdexp.stats import model_stats
 from kdexp.tracking.base import Tracker
+from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
 from kdexp.train import LoopOptions, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,9 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         epochs=epochs,
         steps_per_epoch=len(data.train),  # type: ignore[arg-type]
     )
-    checkpoint_dir = job.out_dir / "checkpoints"
+    state, resume_path = _resume_state(cfg, tracker)
+    # A resumed run keeps writing into the folder of the checkpoint it carries on from.
+    checkpoint_dir = resume_path.parent if resume_path else job.out_dir / "checkpoints"
     options = LoopOptions(
         epochs=epochs,
         device=device,
@@ -137,14 +142,29 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         channels_last=cfg.channels_last and device.type == "cuda",
         log_every=cfg.log_every,
         checkpoint_dir=checkpoint_dir,
+        checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
+        on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
     )
     names = {k: job.names[k] for k in ("method", "model", "dataset")}
     run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
     tags = {**_tags(cfg, job.names, device), **job.tags}
     if method_class is Baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)
-    with tracker.run(run_name.replace("/", "."), dict(flatten(cfg)), tags):
-        result = fit(trained, method, data, optimizer, scheduler, tracker, options)
+    tags["kdexp.checkpoint"] = str((checkpoint_dir / "last.pt").resolve())
+    resume_id = state.get("run_id") or None if state else None
+    if state and resume_id:  # the run keeps its params and tags; only these change
+        tags = {"kdexp.checkpoint": tags["kdexp.checkpoint"], "kdexp.resumed_in": str(job.out_dir)}
+        log.info("resuming run %s at step %d from %s", resume_id, state["step"], resume_path)
+    spool = job.out_dir / SPOOL_FILE
+    with tracker.run(
+        run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
+    ):
+        try:
+            result = fit(trained, method, data, optimizer, scheduler, tracker, options, state)
+        except Interrupted as stop:
+            stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
+            tracker.set_tags({"kdexp.resume": stop.command})
+            raise
         if cfg.test_on == "best":
             model.load_state_dict(read_state_dict(checkpoint_dir / "best.pt", "test_on"))
         model = method.finalize(model)
@@ -173,6 +193,41 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         flush=True,
     )
     return RunResult(final, final_checkpoint, tracker.run_id)
+
+
+def _resume_state(cfg: DictConfig, tracker: Tracker) -> tuple[dict | None, Path | None]:
+    """The training state that ``cfg.resume`` names, and its file; (None, None) to start afresh.
+
+    ``auto`` takes the newest KILLED or FAILED run with this config's hash, if any; a run id
+    takes that run's checkpoint (its ``kdexp.checkpoint`` tag); anything else is a file path.
+    """
+    source = OmegaConf.select(cfg, "resume")
+    if source is None:
+        return None, None
+    text = str(source)
+    if text == "auto":
+        run_id = tracker.find_resumable({"kdexp.config_hash": config_hash(cfg)})
+        path = tracker.run_tag(run_id, "kdexp.checkpoint", "resume") if run_id else None
+        if path is None or not Path(path).is_file():
+            log.info("resume=auto: no stopped run of this config to carry on; starting afresh")
+            return None, None
+    elif re.fullmatch(r"[0-9a-f]{32}", text) and not Path(text).exists():
+        path = tracker.run_tag(text, "kdexp.checkpoint", "resume")
+        if path is None:
+            raise ConfigError(
+                "resume", text, "a run that kdexp checkpointed (no kdexp.checkpoint tag)"
+            )
+    else:
+        path = text
+    file = Path(path).expanduser().resolve()
+    return read_training_state(file, "resume"), file
+
+
+def _resume_command(job: Job, run_id: str | None, checkpoint: Path | None) -> str:
+    """The command that carries on this run: its overrides, with ``resume=`` set."""
+    words = [w for w in job.tags.get("overrides", "").split() if not w.startswith("resume=")]
+    words = [w for w in words if w != "(none)"]
+    return " ".join(["kdexp", *words, f"resume={run_id or checkpoint}"])
 
 
 def _trained_weights(

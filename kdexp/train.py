@@ -2,7 +2,8 @@
 
 Every method trains through :func:`fit`: it sums the method's named loss terms, steps the optimizer
 and the LR schedule, calls the method's hooks, validates each epoch and keeps the best and last
-checkpoints. Host-device syncs happen only at logging steps and at the end of an epoch.
+checkpoints. Host-device syncs happen at logging steps, at the end of an epoch, and once per step to
+check that the loss is finite. :mod:`kdexp.resume` holds what makes a run resumable.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import sys
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,7 @@ from tqdm import tqdm
 from kdexp.checkpoint import save_checkpoint
 from kdexp.dataset.base import Batch, Data
 from kdexp.method.base import Method
+from kdexp.resume import Interrupted, Position, TrainingCheckpoint, stop_signals
 from kdexp.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ class LoopOptions:
     channels_last: bool = False
     log_every: int = 10
     checkpoint_dir: Path | None = None
+    checkpoint_every_steps: int | None = None  # also write last.pt every N steps
+    on_nonfinite: str = "stop"  # "stop": raise FloatingPointError; "skip": drop the batch
 
 
 def _autocast(device: torch.device, amp: str | None):
@@ -85,92 +90,131 @@ def fit(
     scheduler: LRScheduler,
     tracker: Tracker,
     options: LoopOptions,
+    resume: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``options.epochs`` epochs; log per step and per epoch.
 
     Per step (every ``log_every`` steps): ``train/loss``, ``train/loss_<term>``, ``train/lr``.
     Per epoch (at the global step): ``train/epoch_loss`` and ``train/epoch_loss_<term>`` (means
     over the epoch's batches), ``train/acc1``, ``val/loss``, ``val/acc1``, ``val/acc5``,
-    ``epoch_time_s``, plus whatever ``method.after_epoch`` returns.
+    ``epoch_time_s``, plus whatever ``method.after_epoch`` returns (and ``train/skipped_steps``
+    with ``on_nonfinite="skip"``).
+
+    ``checkpoint_dir/last.pt`` receives the full training state (:mod:`kdexp.resume`) after each
+    epoch, every ``checkpoint_every_steps`` steps and on SIGINT/SIGTERM, which then raise
+    :class:`~kdexp.resume.Interrupted`. ``resume`` is such a state to carry on from.
     """
     device, result = options.device, FitResult()
     scaler = torch.amp.GradScaler("cuda", enabled=options.amp == "fp16" and device.type == "cuda")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    step, last_line, terminal = 0, time.monotonic(), sys.stderr.isatty()
-    for epoch in range(options.epochs):
-        model.train()
-        method.train()
-        start = time.perf_counter()
-        correct, seen = torch.zeros((), device=device, dtype=torch.long), 0
-        term_sums: dict[str, Tensor] = {}
-        for batch in _progress(data.train, epoch, options.epochs):
-            inputs, targets = _to_device(batch, device, options.channels_last)
-            with _autocast(device, options.amp):
-                logits = model(inputs)
-                terms = method.loss(inputs, targets, logits)
-                loss: Tensor = sum(terms.values())  # type: ignore[assignment]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if options.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(params, options.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            extra = method.after_step(step)
-            correct += (logits.detach().argmax(1) == targets).sum()
-            seen += len(targets)
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.detach()
-            if step % options.log_every == 0:
-                metrics = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]}
-                metrics.update({f"train/loss_{k}": v.item() for k, v in terms.items()})
-                tracker.log_metrics({**metrics, **extra}, step)
-                _check_finite(metrics, step)
-                if not terminal and time.monotonic() - last_line >= _LINE_EVERY_S:
-                    last_line = time.monotonic()
-                    log.info(
-                        "epoch %d/%d  step %d  train/loss %.4f",
-                        epoch + 1,
-                        options.epochs,
-                        step,
-                        metrics["train/loss"],
-                    )
-            elif extra:
-                tracker.log_metrics(extra, step)
-            step += 1
+    last = options.checkpoint_dir / "last.pt" if options.checkpoint_dir else None
+    saver = TrainingCheckpoint(
+        last, model, method, optimizer, scheduler, scaler, data.train, tracker.run_id
+    )
+    at = Position()
+    if resume is not None:
+        at, best = saver.restore(resume, device)
+        result = FitResult(**best)
+    last_line, terminal = time.monotonic(), sys.stderr.isatty()
+    with stop_signals() as stop:
+        for epoch in range(at.epoch, options.epochs):
+            model.train()
+            method.train()
+            start = time.perf_counter()
+            for batch in _progress(saver.batches(at), epoch, options.epochs):
+                inputs, targets = _to_device(batch, device, options.channels_last)
+                with _autocast(device, options.amp):
+                    logits = model(inputs)
+                    terms = method.loss(inputs, targets, logits)
+                    loss: Tensor = sum(terms.values())  # type: ignore[assignment]
+                optimizer.zero_grad(set_to_none=True)
+                finite = bool(torch.isfinite(loss))  # one host-device sync per step
+                if not finite and options.on_nonfinite == "stop":
+                    raise FloatingPointError(_diverged(loss, terms, at.step))
+                if finite:
+                    scaler.scale(loss).backward()
+                    if options.grad_clip:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(params, options.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    at.add(logits, targets, terms)
+                else:  # on_nonfinite="skip": no update, and the batch counts in no mean
+                    at.skipped, at.epoch_skipped = at.skipped + 1, at.epoch_skipped + 1
+                scheduler.step()
+                extra = method.after_step(at.step)
+                if at.step % options.log_every == 0 and finite:
+                    metrics = {
+                        "train/loss": loss.item(),
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                    }
+                    metrics.update({f"train/loss_{k}": v.item() for k, v in terms.items()})
+                    tracker.log_metrics({**metrics, **extra}, at.step)
+                    _check_finite(metrics, at.step)
+                    if not terminal and time.monotonic() - last_line >= _LINE_EVERY_S:
+                        last_line = time.monotonic()
+                        log.info(
+                            "epoch %d/%d  step %d  train/loss %.4f",
+                            epoch + 1,
+                            options.epochs,
+                            at.step,
+                            metrics["train/loss"],
+                        )
+                elif extra:
+                    tracker.log_metrics(extra, at.step)
+                at.step, at.batch = at.step + 1, at.batch + 1
+                every = options.checkpoint_every_steps
+                if stop.signum is not None or (every and at.step % every == 0):
+                    saver.save(at, asdict(result))
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, at.step, last)
 
-        val = evaluate(model, data.val, device, method.criterion, options.channels_last)
-        batches = max(1, len(data.train))  # type: ignore[arg-type]
-        means = {f"train/epoch_loss_{k}": v.item() / batches for k, v in term_sums.items()}
-        metrics = {
-            "epoch": epoch,
-            "train/epoch_loss": sum(means.values()),
-            **means,
-            "train/acc1": 100.0 * correct.item() / max(1, seen),
-            "val/loss": val["loss"],
-            "val/acc1": val["acc1"],
-            "val/acc5": val["acc5"],
-            "epoch_time_s": time.perf_counter() - start,
-            **method.after_epoch(epoch),
-        }
-        result.history.append(metrics)
-        if val["acc1"] > result.best_val_acc1:
-            result.best_val_acc1, result.best_epoch = val["acc1"], epoch
-            _save(options.checkpoint_dir, "best.pt", model, epoch, step, val["acc1"])
-        _save(options.checkpoint_dir, "last.pt", model, epoch, step, val["acc1"])
-        tracker.log_metrics(metrics, step)
-        log.info(
-            "epoch %d/%d  loss %.4f  train/acc1 %.2f  val/acc1 %.2f  (%.1fs)",
-            epoch + 1,
-            options.epochs,
-            val["loss"],
-            metrics["train/acc1"],
-            val["acc1"],
-            metrics["epoch_time_s"],
-        )
-    result.steps = step
+            val = evaluate(model, data.val, device, method.criterion, options.channels_last)
+            batches = max(1, at.batch - at.epoch_skipped)
+            means = {f"train/epoch_loss_{k}": v.item() / batches for k, v in at.term_sums.items()}
+            metrics = {
+                "epoch": epoch,
+                "train/epoch_loss": sum(means.values()),
+                **means,
+                "train/acc1": 100.0 * float(at.correct) / max(1, at.seen),
+                "val/loss": val["loss"],
+                "val/acc1": val["acc1"],
+                "val/acc5": val["acc5"],
+                "epoch_time_s": time.perf_counter() - start,
+                **method.after_epoch(epoch),
+            }
+            if options.on_nonfinite == "skip":
+                metrics["train/skipped_steps"] = at.skipped
+            result.history.append(metrics)
+            if val["acc1"] > result.best_val_acc1:
+                result.best_val_acc1, result.best_epoch = val["acc1"], epoch
+                _save(options.checkpoint_dir, "best.pt", model, epoch, at.step, val["acc1"])
+            tracker.log_metrics(metrics, at.step)
+            at.next_epoch()
+            saver.save(at, asdict(result))
+            log.info(
+                "epoch %d/%d  loss %.4f  train/acc1 %.2f  val/acc1 %.2f  (%.1fs)",
+                epoch + 1,
+                options.epochs,
+                val["loss"],
+                metrics["train/acc1"],
+                val["acc1"],
+                metrics["epoch_time_s"],
+            )
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, at.step, last)
+    result.steps = at.step
     return result
+
+
+def _diverged(loss: Tensor, terms: dict[str, Tensor], step: int) -> str:
+    """The message for a non-finite loss: which terms, at which step, and what to try."""
+    bad = [f"train/loss_{k} is {v.item()}" for k, v in terms.items() if not torch.isfinite(v)]
+    return (
+        f"train/loss is {loss.item()} at step {step} ({', '.join(bad) or 'the sum overflowed'}): "
+        "training diverged; lower schedule.lr, set schedule.grad_clip, or skip such batches "
+        "with on_nonfinite=skip (checkpoints/last.pt holds the last good state)"
+    )
 
 
 def _check_finite(metrics: dict[str, float], step: int) -> None:

@@ -63,6 +63,14 @@ class TensorLoader:
         n = len(self.targets)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The shuffling and augmentation generator's state, for a training checkpoint."""
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._generator.set_state(state["generator"])
+
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.targets)
         order = torch.randperm(n, generator=self._generator) if self.shuffle else None

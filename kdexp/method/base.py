@@ -21,7 +21,9 @@ distilling) gets ``teacher=`` too. A method that starts from a trained model set
 
 A method is an ``nn.Module`` so that its own trainable parts (connectors, regressors, learned
 quantizer scales) are optimised with the model (``method.parameters()``), move with ``.to()``, and
-are saved in checkpoints (``method.state_dict()``).
+are saved in checkpoints (``method.state_dict()``). State that is neither a parameter nor a buffer
+(a schedule's position, a Python-side counter) belongs in ``get_extra_state``/``set_extra_state``
+(plain numbers, strings, lists, dicts or tensors), so that a resumed run carries it on.
 """
 
 from __future__ import annotations

@@ -20,9 +20,19 @@ class Tracker:
 
     @contextmanager
     def run(
-        self, name: str, params: Mapping[str, object], tags: Mapping[str, str]
+        self,
+        name: str,
+        params: Mapping[str, object],
+        tags: Mapping[str, str],
+        *,
+        resume_id: str | None = None,
+        spool: Path | None = None,
     ) -> Iterator[Tracker]:
-        """Open one run for the body of the ``with``; close it FINISHED, or FAILED on error."""
+        """Open one run for the body of the ``with``; close it FINISHED, or FAILED on error.
+
+        ``resume_id`` reopens that run instead (no params are logged again); ``spool`` is a file
+        that keeps every record until the store has it (see :mod:`kdexp.tracking.spool`).
+        """
         yield self
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -40,6 +50,14 @@ class Tracker:
     def find_finished(self, tags: Mapping[str, str]) -> str | None:
         """The id of the newest FINISHED run carrying all ``tags``, if the store has one."""
         return None
+
+    def find_resumable(self, tags: Mapping[str, str]) -> str | None:
+        """The id of the newest KILLED or FAILED run carrying all ``tags``, if any."""
+        return None
+
+    def run_tag(self, run_id: str, tag: str, key: str) -> str | None:
+        """The value of ``tag`` on run ``run_id``; ``key`` names the config key for errors."""
+        raise ConfigError(key, run_id, "a checkpoint path: with tracking=none no run can be read")
 
     def fetch(self, source: str, paths: tuple[str, ...], destination: Path, key: str) -> Path:
         """Download the first of ``paths`` that run ``source`` (a run id or ``runs:/`` URI) holds.

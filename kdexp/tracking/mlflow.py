@@ -7,6 +7,7 @@ each epoch, which keeps the training loop's overhead negligible.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -16,10 +17,23 @@ from typing import TYPE_CHECKING
 
 from kdexp.errors import ConfigError
 from kdexp.tracking.base import Tracker
+from kdexp.tracking.spool import Record, Spool
 
 if TYPE_CHECKING:  # mlflow is imported lazily at run time
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for a tracking server: the probe at start, then every request. With few
+#: retries a request to a server that went away fails fast; the spool keeps what it carried.
+_PROBE_TIMEOUT_S = 5
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+_RETRY_FIRST_S, _RETRY_MAX_S = 5.0, 60.0  # backoff between sends while the store is away
 
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 _MAX_PARAM_CHARS = 6000  # MLflow 3's limit on a param value
@@ -50,6 +64,8 @@ def prepare_store(uri: str | None, experiment: str, artifact_root: str | None = 
     from mlflow.tracking import MlflowClient
 
     uri = uri or default_uri()
+    limit_http_retries(uri)
+    check_reachable(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri)
@@ -65,6 +81,43 @@ def prepare_store(uri: str | None, experiment: str, artifact_root: str | None = 
         if found is None:
             raise
         return found.experiment_id
+
+
+def limit_http_retries(uri: str) -> None:
+    """For an http(s) store, make MLflow give up on a request within seconds, not minutes.
+
+    MLflow's defaults (7 retries, exponential backoff, 120 s timeout) hang a job for many minutes
+    when its server is away. Variables already set in the environment win.
+    """
+    if uri.startswith(("http://", "https://")):
+        for name, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail within seconds, with a :class:`ConfigError`, when nothing answers at an http(s) URI.
+
+    Any HTTP answer counts as reachable; only a refused, reset or timed-out connection fails.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=_PROBE_TIMEOUT_S)
+    except requests.RequestException as error:
+        reason = type(error).__name__
+        raise ConfigError(
+            "tracking.uri",
+            uri,
+            f"a tracking server that answers; nothing did ({reason}). Start it (mlflow server "
+            "--host ... --port ...), point tracking.uri at another store, or use tracking=none",
+        ) from None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _truncate(value: object) -> str:
@@ -83,13 +136,17 @@ class MlflowTracker(Tracker):
         flush_every_s: float = 10.0,
     ) -> None:
         self.uri = uri or default_uri()
+        limit_http_retries(self.uri)
         self.experiment = experiment
         self.artifact_root = artifact_root
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
         self.run_id: str | None = None
         self._client: MlflowClient | None = None
-        self._buffer: list[Metric] = []
+        self._buffer: list[Record] = []
+        self._spool = Spool(None)
+        self._retry_at, self._retry_s = 0.0, _RETRY_FIRST_S  # while the store is unreachable
+        self._down_since: float | None = None
 
     def _open_run(self) -> tuple[MlflowClient, str]:
         """The client and the id of the open run; a RuntimeError outside :meth:`run`."""
@@ -103,31 +160,66 @@ class MlflowTracker(Tracker):
 
     @contextmanager
     def run(
-        self, name: str, params: Mapping[str, object], tags: Mapping[str, str]
+        self,
+        name: str,
+        params: Mapping[str, object],
+        tags: Mapping[str, str],
+        *,
+        resume_id: str | None = None,
+        spool: Path | None = None,
     ) -> Iterator[MlflowTracker]:
-        """Open the run, log params and tags, and close it FINISHED or FAILED."""
+        """Open the run (or reopen ``resume_id``), log params and tags, close FINISHED or FAILED.
+
+        An unreachable http(s) server fails here within seconds. Later outages do not stop the
+        run: records wait in ``spool`` and are sent when the server answers again, or by
+        ``kdexp-sync``. A :class:`KeyboardInterrupt` closes the run KILLED.
+        """
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
         self._client = client = MlflowClient(tracking_uri=self.uri)
-        run = client.create_run(experiment_id, run_name=name, tags=dict(tags))
-        self.run_id = run_id = run.info.run_id
+        if resume_id is None:
+            run_id = client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
+        else:
+            try:
+                client.get_run(resume_id)
+            except MlflowException:
+                raise ConfigError(
+                    "resume", resume_id, f"the id of a run in {self.uri}, or a checkpoint path"
+                ) from None
+            run_id = resume_id
+            client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        self._spool = Spool(spool)
+        self._spool.start(self.uri, self.experiment, run_id)
         status = "FAILED"
         try:
-            items = [Param(k, _truncate(v)) for k, v in params.items()]
-            for i in range(0, len(items), _MAX_PARAMS):
-                client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
+            if resume_id is None:
+                items = [Param(k, _truncate(v)) for k, v in params.items()]
+                for i in range(0, len(items), _MAX_PARAMS):
+                    client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
+            else:
+                self.set_tags(tags)
             yield self
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
-            try:
-                self.flush()
-            finally:
-                client.set_terminated(run_id, status)
+            end = {"op": "status", "status": status, "end_time": int(time.time() * 1000)}
+            self._spool.add(self._take_buffer() + [end])
+            self._deliver()
+            if self._spool.pending:
+                log.warning(
+                    "tracking: %d records could not reach %s; they are kept in %s. Send them "
+                    "with: kdexp-sync %s",
+                    len(self._spool.pending),
+                    self.uri,
+                    spool,
+                    spool.parent if spool else "(no spool file)",
+                )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer metric values at ``step``.
@@ -135,40 +227,71 @@ class MlflowTracker(Tracker):
         They are sent every ``flush_every_s`` seconds, when 1,000 are waiting, and when the run
         closes: one database transaction per epoch would cost a tiny model a third of its speed.
         """
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._buffer.extend({"m": [k, float(v), now, step]} for k, v in metrics.items())
         if (
             len(self._buffer) >= _MAX_METRICS
             or time.monotonic() - self._last_flush >= self.flush_every_s
         ):
-            self.flush()
+            self._last_flush = time.monotonic()
+            self._spool.add(self._take_buffer())
+            if time.monotonic() >= self._retry_at:
+                self._deliver()
+
+    def _take_buffer(self) -> list[Record]:
+        taken, self._buffer = self._buffer, []
+        return taken
+
+    def _deliver(self) -> None:
+        """Send what the spool holds; on failure keep it, warn once, and back off."""
+        client, run_id = self._open_run()
+        try:
+            self._spool.deliver(client, run_id)
+        except Exception as error:  # the store is away (connection, timeout, locked database)
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning(
+                    "tracking: %s is unreachable (%s); training goes on, records wait in %s",
+                    self.uri,
+                    _reason(error),
+                    self._spool.path or "memory",
+                )
+            self._retry_at = time.monotonic() + self._retry_s
+            self._retry_s = min(2 * self._retry_s, _RETRY_MAX_S)
+            return
+        if self._down_since is not None:
+            log.warning(
+                "tracking: %s answers again after %.0f s; every record was sent",
+                self.uri,
+                time.monotonic() - self._down_since,
+            )
+        self._down_since, self._retry_s = None, _RETRY_FIRST_S
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        """Add tags to the open run."""
-        from mlflow.entities import RunTag
-
-        client, run_id = self._open_run()
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), _MAX_TAGS):
-            client.log_batch(run_id, tags=items[i : i + _MAX_TAGS])
+        """Add tags to the open run (queued behind unsent records while the store is away)."""
+        self._open_run()
+        self._spool.add([{"op": "tags", "tags": {k: str(v) for k, v in tags.items()}}])
+        self._deliver()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a folder's files, under ``artifact_path`` in the run."""
-        client, run_id = self._open_run()
-        if Path(path).is_dir():
-            client.log_artifacts(run_id, str(path), artifact_path)
-        else:
-            client.log_artifact(run_id, str(path), artifact_path)
+        self._open_run()
+        record = {"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": None}
+        record["artifact_path"] = artifact_path
+        self._spool.add([record])
+        self._deliver()
 
     def flush(self) -> None:
-        """Send every buffered metric now."""
+        """Send every buffered record now (they stay in the spool if the store is away)."""
         self._last_flush = time.monotonic()
-        while self._buffer:
-            client, run_id = self._open_run()
-            chunk, self._buffer = self._buffer[:_MAX_METRICS], self._buffer[_MAX_METRICS:]
-            client.log_batch(run_id, metrics=chunk)
+        self._open_run()
+        self._spool.add(self._take_buffer())
+        self._deliver()
+
+    @property
+    def unsent(self) -> int:
+        """How many records still wait for the store."""
+        return len(self._spool.pending) + len(self._buffer)
 
     def find_finished(self, tags: Mapping[str, str]) -> str | None:
         """The newest FINISHED run of this experiment that carries all ``tags``."""
@@ -183,6 +306,32 @@ class MlflowTracker(Tracker):
             [experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"]
         )
         return found[0].info.run_id if found else None
+
+    def find_resumable(self, tags: Mapping[str, str]) -> str | None:
+        """The newest KILLED or FAILED run of this experiment that carries all ``tags``."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        found = client.search_runs(
+            [experiment_id], query, max_results=100, order_by=["attributes.start_time DESC"]
+        )
+        stopped = [r for r in found if r.info.status in ("KILLED", "FAILED")]
+        return stopped[0].info.run_id if stopped else None
+
+    def run_tag(self, run_id: str, tag: str, key: str) -> str | None:
+        """The value of ``tag`` on run ``run_id``; a :class:`ConfigError` if there is no run."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        limit_http_retries(self.uri)
+        check_reachable(self.uri)
+        try:
+            run = MlflowClient(tracking_uri=self.uri).get_run(run_id)
+        except MlflowException:
+            raise ConfigError(key, run_id, f"the id of a run in {self.uri}") from None
+        return run.data.tags.get(tag)
 
     def fetch(self, source: str, paths: tuple[str, ...], destination: Path, key: str) -> Path:
         """The first of ``paths`` held by run ``source`` (an id or ``runs:/<id>[/path]``)."""
