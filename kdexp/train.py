@@ -186,7 +186,10 @@ def fit(
             if options.on_nonfinite == "skip":
                 metrics["train/skipped_steps"] = at.skipped
             result.history.append(metrics)
-            if val["acc1"] > result.best_val_acc1:
+            last_epoch = epoch == options.epochs - 1
+            if (val["acc1"] > result.best_val_acc1 and method.selects_best()) or (
+                last_epoch and result.best_epoch < 0  # no epoch qualified: the last one is best
+            ):
                 result.best_val_acc1, result.best_epoch = val["acc1"], epoch
                 _save(options.checkpoint_dir, "best.pt", model, epoch, at.step, val["acc1"])
             tracker.log_metrics(metrics, at.step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ from kdexp.method.prune import Channel, Magnitude, Random, Sensitivity, Taylor, 
 from kdexp.model.mlp import MLP
 from kdexp.model.resnet_cifar import CifarResNet
 from kdexp.run import run
+from kdexp.schedule import constant
+from kdexp.tracking.base import Tracker
+from kdexp.train import LoopOptions, fit
 from tests.conftest import run_cli, tracking_overrides
 
 CE = nn.CrossEntropyLoss()
@@ -411,3 +415,71 @@ def test_dense_copy_is_not_a_trained_part_of_the_method() -> None:
     method.prepare(_mlp())
     assert list(method.parameters()) == []
     assert set(method.final_metrics()) >= {"model/dense_params", "model/dense_flops"}
+
+
+def test_best_checkpoint_waits_for_the_final_masks(tmp_path) -> None:
+
+    torch.manual_seed(0)
+    data = synthetic(batch_size=32, seed=0, noise=0.3)  # 14 steps an epoch
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    method = Magnitude(
+        data=data,
+        criterion=nn.CrossEntropyLoss(),
+        sparsity=0.9,
+        schedule="linear",
+        epochs=3,
+        frequency=5,
+        updates=4,
+    )  # masks change until step 20, in epoch 2
+    method.prepare(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = LoopOptions(epochs=3, device=torch.device("cpu"), checkpoint_dir=tmp_path)
+    result = fit(model, method, data, opt, constant(opt, 3, len(data.train)), Tracker(), options)
+    assert result.best_epoch >= 1  # epoch 0 (fewer zeros) never counts as best
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    assert (best["1.weight"] == 0).float().mean().item() == pytest.approx(0.9, abs=0.005)
+
+
+@pytest.mark.parametrize("kind", ["magnitude", "channel"])
+def test_masks_and_schedule_position_survive_a_state_dict_round_trip(kind: str) -> None:
+
+    data = synthetic(batch_size=16, seed=0, channels=3, image_size=8)
+    make = {
+        "magnitude": lambda: Magnitude(
+            data=data,
+            criterion=nn.CrossEntropyLoss(),
+            sparsity=0.5,
+            schedule="linear",
+            epochs=2,
+            frequency=2,
+            updates=3,
+        ),
+        "channel": lambda: Channel(
+            data=data,
+            criterion=nn.CrossEntropyLoss(),
+            sparsity=0.5,
+            schedule="linear",
+            epochs=2,
+            frequency=2,
+            updates=3,
+        ),
+    }[kind]
+    torch.manual_seed(0)
+    model = CifarResNet(8, 10, 3)
+    trained = make()
+    trained.prepare(model)
+    for step in range(5):  # two mask updates (steps 0, 2, 4 of 0..6)
+        trained.after_step(step)
+    state = trained.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # the way a resume checkpoint stores it
+    buffer.seek(0)
+    restored = make()
+    restored.prepare(copy.deepcopy(model))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.rounds_done == trained.rounds_done == 3
+    assert restored.curve == trained.curve
+    assert restored.mask_state().keys() == trained.mask_state().keys()
+    for name, value in trained.mask_state().items():
+        other = restored.mask_state()[name]
+        assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value

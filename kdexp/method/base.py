@@ -66,6 +66,10 @@ class Method(nn.Module):
         """Return the final model after training (fold masks, shrink, convert)."""
         return model
 
+    def selects_best(self) -> bool:
+        """Whether this epoch may become ``best.pt``; pruning waits for its final masks."""
+        return True
+
     def final_metrics(self) -> dict[str, float]:
         """Metrics the method logs once at the end of the run."""
         return {}

@@ -229,6 +229,34 @@ class Pruner(Method):
     def after_epoch(self, epoch: int) -> dict[str, float]:
         return self.distiller.after_epoch(epoch) if self.distiller is not None else {}
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The schedule's position and the masks, saved in ``method.state_dict()`` (resume)."""
+        return {
+            "rounds_done": self.rounds_done,
+            "curve": [list(point) for point in self.curve],
+            "layer_sparsity": dict(self.layer_sparsity),
+            "masks": self.mask_state(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` saved; call after :meth:`prepare`."""
+        self.rounds_done = int(state["rounds_done"])
+        self.curve = [(int(s), float(t), float(r)) for s, t, r in state["curve"]]
+        self.layer_sparsity = dict(state["layer_sparsity"])
+        self.load_mask_state(state["masks"])
+
+    def mask_state(self) -> dict[str, Any]:
+        """What is pruned, as tensors, numbers and lists; subclasses override."""
+        return {}
+
+    def load_mask_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`mask_state` returned."""
+
+    def selects_best(self) -> bool:
+        """Only epochs after the last mask update compete for ``best.pt``: an earlier, denser
+        epoch's weights were never fine-tuned under the final masks."""
+        return self.rounds_done >= len(self.plan)
+
     def finalize(self, model: nn.Module) -> nn.Module:
         """Apply the final masks (also to best-epoch weights reloaded by ``test_on=best``)."""
         if self.distiller is not None:

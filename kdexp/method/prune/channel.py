@@ -261,6 +261,11 @@ class Channel(Pruner):
                     chosen[name].append(i)
                     k -= 1
             chosen = {n: sorted(c) for n, c in chosen.items()}
+        self._choose(chosen)
+        return self.sparsities()
+
+    def _choose(self, chosen: dict[str, list[int]]) -> None:
+        """Record the pruned channels of each group and the parameter slices they zero."""
         self.pruned = chosen
         assert self.graph is not None
         self._slices = []
@@ -268,7 +273,13 @@ class Channel(Pruner):
             if idxs:
                 slices = _slices(self.graph, self._group(name, idxs))
                 self._slices += [(p, d, i.to(p.device)) for p, d, i in slices]
-        return self.sparsities()
+
+    def mask_state(self) -> dict[str, Any]:
+        return {name: list(idxs) for name, idxs in self.pruned.items()}
+
+    def load_mask_state(self, state: dict[str, Any]) -> None:
+        if state:
+            self._choose({name: [int(i) for i in idxs] for name, idxs in state.items()})
 
     def sparsities(self) -> dict[str, float]:
         """Fraction of each group's channels pruned, and of all channels (key ``""``)."""

@@ -42,6 +42,13 @@ class Unstructured(Pruner):
         """Importance of every weight of every prunable layer (higher is kept)."""
         raise NotImplementedError
 
+    def mask_state(self) -> dict[str, Any]:
+        return {name: mask.clone() for name, mask in self.masks.items()}
+
+    def load_mask_state(self, state: dict[str, Any]) -> None:
+        for name, mask in state.items():
+            self.masks[name] = mask.to(self.masks[name].device)
+
     @torch.no_grad()
     def update(self, target: float) -> dict[str, float]:
         scores = {
