@@ -106,7 +106,7 @@ def main() -> None:
         seed=0,
         channels=3,
         image_size=32,
-        train_samples=1152 if args.quick else 2304,
+        train_samples=1152 if args.quick else 4736,
         test_samples=128,
         val_size=128,
     )

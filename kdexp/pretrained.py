@@ -8,7 +8,8 @@ from a trained model) name their weights the same way:
   (or ``best.pt``) is downloaded;
 - ``auto``: the newest FINISHED baseline run trained from scratch with the same model config,
   dataset config and seed (its ``kdexp.pretrain_key`` tag). When there is none, kdexp trains that
-  baseline first, as a run of its own with this run's schedule, and every later run with the same
+  baseline first, as a run of its own with ``pretrain_schedule`` (or, when that is not set, this
+  run's schedule), and every later run with the same
   key reuses it: a sweep over ten students trains its teacher once. A file lock keeps parallel
   jobs from training it twice.
 """
@@ -30,9 +31,17 @@ CHECKPOINT_ARTIFACTS = ("checkpoints/final.pt", "checkpoints/best.pt")
 
 
 def baseline_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
-    """The config of a plain baseline run of ``model_cfg`` with ``cfg``'s data, schedule, seed."""
-    sub = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "teacher"])
+    """The config of a plain baseline run of ``model_cfg`` with ``cfg``'s data and seed.
+
+    It trains with ``cfg.pretrain_schedule`` where one is set (``schedule@pretrain_schedule=...``:
+    a pruning or quantization run fine-tunes briefly, its dense start needs a full schedule), else
+    with ``cfg.schedule``.
+    """
+    dropped = ("teacher", "pretrain_schedule")
+    sub = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k not in dropped])
     with open_dict(sub):
+        if "pretrain_schedule" in cfg:
+            sub.schedule = OmegaConf.to_container(cfg.pretrain_schedule)
         sub.model = OmegaConf.to_container(model_cfg)  # interpolations resolve in the new root
         sub.method = dict(BASELINE_METHOD)
         sub.checkpoint = None

@@ -292,3 +292,22 @@ def test_teacher_from_a_run_id_a_runs_uri_or_reused_across_schedules(compose_cfg
     for student in (r for r in runs if r.info.run_id != teacher.info.run_id):
         assert student.data.tags["method"] == "distill/kd"
         assert student.data.metrics["teacher/test_acc1"] == teacher.data.metrics["test/acc1"]
+
+
+@pytest.mark.slow
+def test_auto_trained_teacher_uses_the_pretrain_schedule(compose_cfg, tmp_path: Path) -> None:
+    store = [*tracking_overrides(tmp_path), "latency_repeats=1"]
+    cfg = compose_cfg(
+        "model@teacher=mlp_800",
+        "schedule@pretrain_schedule=default",
+        "pretrain_schedule.epochs=3",
+        "schedule.epochs=1",
+        *store,
+    )
+    run(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    by_method = {r.data.tags["method"]: r for r in runs}
+    assert by_method["baseline"].data.params["schedule.epochs"] == "3"
+    assert by_method["distill/kd"].data.params["schedule.epochs"] == "1"
+    assert by_method["distill/kd"].data.params["pretrain_schedule.epochs"] == "3"
