@@ -25,7 +25,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
-	$(BIN)/python bench/data_path.py
+	$(BIN)/python bench/distill.py
+	$(BIN)/python bench/prune.py
+	$(BIN)/python bench/quantize.py
 
 clean:
 	rm -rf $(VENV) outputs/runs outputs/multirun
