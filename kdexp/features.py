@@ -22,7 +22,9 @@ def module_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name] + [PENULTIMATE]
 
 
-def _describe(names: list[str], limit: int = 60) -> str:
+def describe_modules(model: nn.Module, penultimate: bool = True, limit: int = 60) -> str:
+    """The model's module paths as one line for an error message (the first ``limit``)."""
+    names = [n for n in module_names(model) if penultimate or n != PENULTIMATE]
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
@@ -48,7 +50,7 @@ class FeatureTap:
                 raise ConfigError(
                     key,
                     path,
-                    f"a module path of {type(model).__name__}: " + _describe(module_names(model)),
+                    f"a module path of {type(model).__name__}: " + describe_modules(model),
                 )
 
     def _keep_output(self, i: int):  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
-from kdexp.features import module_names
+from kdexp.features import describe_modules
 from kdexp.method.base import Method
 from kdexp.method.prune.schedule import SCHEDULES, plan
 from kdexp.stats import count_params, flops, latency_ms
@@ -34,13 +34,6 @@ log = logging.getLogger(__name__)
 
 PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 SCOPES = ("global", "layerwise")
-
-
-def describe_names(model: nn.Module, limit: int = 60) -> str:
-    """The model's module paths, for an error message."""
-    names = [n for n in module_names(model) if n != "penultimate"]
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def select_layers(
@@ -59,7 +52,8 @@ def select_layers(
                 raise ConfigError(
                     "method.layers",
                     path,
-                    f"a module path of {type(model).__name__}: " + describe_names(model),
+                    f"a module path of {type(model).__name__}: "
+                    + describe_modules(model, penultimate=False),
                 )
             if not isinstance(modules[path], PRUNABLE):
                 prunable = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]

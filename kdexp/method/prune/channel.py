@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from kdexp.checkpoint import load_weights, read_state_dict
 from kdexp.errors import ConfigError
-from kdexp.method.prune.base import PRUNABLE, Pruner, describe_names
+from kdexp.features import describe_modules
+from kdexp.method.prune.base import PRUNABLE, Pruner
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 
@@ -148,7 +149,8 @@ class Channel(Pruner):
                     raise ConfigError(
                         "method.layers",
                         path,
-                        f"a module path of {type(model).__name__}: " + describe_names(model),
+                        f"a module path of {type(model).__name__}: "
+                        + describe_modules(model, penultimate=False),
                     )
                 reason = self._unprunable(graph, modules[path], ignored, names)
                 if reason:
