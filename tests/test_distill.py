@@ -68,6 +68,8 @@ def test_kd_method_terms_and_no_gradient_to_teacher() -> None:
     assert terms["ce"].item() == pytest.approx(0.1 * nn.functional.cross_entropy(logits, y).item())
     sum(terms.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
+    assert not any(key.startswith("teacher.") for key in method.state_dict())
+    assert not set(map(id, teacher.parameters())) & set(map(id, method.parameters()))
     assert all(p.grad is not None for p in student.parameters())
     assert not teacher.training
 

@@ -58,6 +58,7 @@ class Distiller(Method):
     """Base of the distillation methods: loss = ce_weight·CE + kd_weight·KD_T + method terms."""
 
     uses_teacher = True
+    teacher: nn.Module
 
     def __init__(
         self,
@@ -89,7 +90,9 @@ class Distiller(Method):
         self.T, self.ce_weight, self.kd_weight = T, ce_weight, kd_weight
         self.student_layers, self.teacher_layers = list(student_layers), list(teacher_layers)
         self.cache_teacher = cache_teacher
-        self.teacher = teacher.eval().requires_grad_(False)
+        # Not a submodule: the teacher is not the method's state (checkpoints would carry a copy
+        # of it every epoch) and never trains; _apply still moves it with the method.
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
         self.teacher_tap = FeatureTap(teacher, self.teacher_layers, "method.teacher_layers")
         self.student: nn.Module | None = None
         self.student_tap: FeatureTap | None = None
@@ -112,6 +115,10 @@ class Distiller(Method):
         return {}
 
     # -- the Method protocol ------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
     def train(self, mode: bool = True) -> Distiller:
         """Train the connectors; the teacher always stays in eval mode."""
         super().train(mode)
