@@ -114,8 +114,8 @@ def flatten(
         yield prefix[:-1], cfg
 
 
-#: Keys that change how a run is executed or recorded, not what it computes.
-_NOT_HASHED = (
+#: Top-level keys that change how a run is executed or recorded, not what it computes.
+EXECUTION_KEYS = (
     "tracking",
     "device",
     "log_every",
@@ -138,7 +138,7 @@ def config_hash(cfg: DictConfig) -> str:
     """A short, stable hash of everything in ``cfg`` that determines the trained model."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
-    return _digest({k: v for k, v in resolved.items() if k not in _NOT_HASHED})
+    return _digest({k: v for k, v in resolved.items() if k not in EXECUTION_KEYS})
 
 
 def pretrain_key(cfg: DictConfig) -> str:

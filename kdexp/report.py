@@ -19,20 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdexp.config import EXECUTION_KEYS
 from kdexp.errors import ConfigError
 from kdexp.tracking.query import RunRecord, load_runs, log_report
 
-#: Params that do not make a configuration different: the seed and how a run is executed.
-_IGNORED = (
-    "seed",
-    "device",
-    "log_every",
-    "latency_repeats",
-    "objective",
-    "compile",
-    "channels_last",
-    "tracking.",
-)
+#: Top-level keys whose params do not make a configuration different: the seed, and how a run
+#: is executed or recorded.
+_IGNORED = ("seed", *EXECUTION_KEYS)
 #: (column, metric) pairs of the table; accuracies are in %.
 COLUMNS = (
     ("test/acc1", "test/acc1"),
@@ -57,7 +50,7 @@ class Row:
 
 
 def _config_key(run: RunRecord) -> str:
-    kept = {k: v for k, v in run.params.items() if not k.startswith(_IGNORED)}
+    kept = {k: v for k, v in run.params.items() if k.split(".")[0] not in _IGNORED}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
@@ -88,7 +81,7 @@ def group(runs: Sequence[RunRecord]) -> list[Row]:
 
 def _varying_params(representatives: list[RunRecord]) -> list[str]:
     """Params whose value differs between configurations (what tells the rows apart)."""
-    keys = sorted({k for r in representatives for k in r.params if not k.startswith(_IGNORED)})
+    keys = sorted({k for r in representatives for k in r.params if k.split(".")[0] not in _IGNORED})
     return [
         k
         for k in keys
