@@ -4,6 +4,7 @@ unpickling, so a checkpoint crafted to run code is refused."""
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,14 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: str | Path, key: str) -> None:
-    """Load ``path`` into ``model``; fail clearly when the weights belong to another model."""
-    state = read_state_dict(path, key)
-    own = model.state_dict()
+def load_weights(model: nn.Module, path: str | Path, key: str, skip: Collection[str] = ()) -> None:
+    """Load ``path`` into ``model``; fail clearly when the weights belong to another model.
+
+    Entries named in ``skip`` (a fine-tuned model's new classifier head) are neither required nor
+    loaded: the model keeps its own values for them.
+    """
+    state = {k: v for k, v in read_state_dict(path, key).items() if k not in skip}
+    own = {k: v for k, v in model.state_dict().items() if k not in skip}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mis_shaped = [
@@ -112,4 +117,4 @@ def load_weights(model: nn.Module, path: str | Path, key: str) -> None:
             f"weights of this model ({type(model).__name__}); this file does not fit it: "
             + "; ".join(problems),
         )
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not skip)

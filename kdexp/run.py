@@ -9,6 +9,7 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -109,8 +110,17 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
     # The method checks its settings and layer names here, before any input is trained.
     method = instantiate(cfg.method)(data=data, criterion=criterion, **runtime)
     if cfg.checkpoint is not None or getattr(method_class, "starts_from_trained", False):
-        weights = _trained_weights(cfg, job, tracker, "checkpoint", cfg.model, job.names["model"])
-        load_weights(model, weights, "checkpoint")
+        # checkpoint=auto (or null) trains or reuses a baseline of the method's start config:
+        # this run's, or another dataset's for fine-tuning; None: the model brought its weights.
+        start = method.start_config(cfg) if cfg.checkpoint in (None, "auto") else cfg
+        if start is not None:
+            dataset = job.names["dataset"]
+            if start.dataset != cfg.dataset:
+                dataset += "-source"
+            weights = _trained_weights(
+                start, job, tracker, "checkpoint", start.model, job.names["model"], dataset
+            )
+            method.load_start(model, weights, "checkpoint")
     method.to(device)
     model = method.prepare(model.to(device))
     if uses_teacher:
@@ -121,10 +131,12 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         model = model.to(memory_format=torch.channels_last)
     # torch.compile of a Module returns an OptimizedModule, itself a Module.
     trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
-    params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    params = method.param_groups(model, cfg.schedule.lr) or [
+        p for p in [*model.parameters(), *method.parameters()] if p.requires_grad
+    ]
     optimizer = instantiate(cfg.schedule.optimizer)(params=params)
-    # A method that does not train (post-training quantization) asks for fewer loop epochs; the
-    # schedule stays that of the baseline it starts from (checkpoint=auto hashes it).
+    # A method that does not train (post-training quantization) asks for fewer loop epochs; its
+    # schedule config stays as composed, for the baseline that checkpoint=auto may train.
     epochs = getattr(method, "loop_epochs", None) or cfg.schedule.epochs
     scheduler = instantiate(cfg.schedule.scheduler)(
         optimizer,
@@ -183,6 +195,7 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         }
         tracker.log_metrics(final, result.steps)
         tracker.flush()
+        tracker.log_model(model, _input_example(data.test))
         _log_artifacts(tracker, cfg, job.out_dir, result.history)
         for path in method.write_artifacts(job.out_dir / "method"):
             tracker.log_artifact(path, "method")
@@ -193,6 +206,12 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         flush=True,
     )
     return RunResult(final, final_checkpoint, tracker.run_id)
+
+
+def _input_example(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """Two inputs of the first batch, as float32 NumPy: the logged model's input example."""
+    inputs, _ = next(iter(batches))
+    return inputs[:2].detach().cpu().float().numpy()
 
 
 def _resume_state(cfg: DictConfig, tracker: Tracker) -> tuple[dict | None, Path | None]:
@@ -231,10 +250,16 @@ def _resume_command(job: Job, run_id: str | None, checkpoint: Path | None) -> st
 
 
 def _trained_weights(
-    cfg: DictConfig, job: Job, tracker: Tracker, key: str, model_cfg: DictConfig, name: str
+    cfg: DictConfig,
+    job: Job,
+    tracker: Tracker,
+    key: str,
+    model_cfg: DictConfig,
+    name: str,
+    dataset: str | None = None,
 ) -> Path:
     source = cfg[key] if cfg[key] is not None else "auto"
-    names = {"method": "baseline", "model": name, "dataset": job.names["dataset"]}
+    names = {"method": "baseline", "model": name, "dataset": dataset or job.names["dataset"]}
     return resolve_trained(
         str(source),
         key=key,

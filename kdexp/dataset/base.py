@@ -149,6 +149,70 @@ def check_classes(num_classes: int, targets: Tensor, where: str) -> None:
         )
 
 
+def select_classes(
+    classes: Sequence[int] | None, num_classes: int, found: Tensor, where: str
+) -> dict[int, int] | None:
+    """The label map ``{original id: new id}`` for ``dataset.classes``; None keeps every class.
+
+    ``found`` holds every label of the dataset (or its class ids), ``where`` names it for errors.
+    The listed ids become 0..k-1 in the listed order, so ``num_classes`` must equal ``k``.
+    """
+    if classes is None:
+        return None
+    ids = list(classes)
+    if not ids or any(isinstance(c, bool) or not isinstance(c, int) for c in ids):
+        raise ConfigError("dataset.classes", ids, "null or a non-empty list of class ids (ints)")
+    if len(set(ids)) != len(ids):
+        raise ConfigError("dataset.classes", ids, "a list of distinct class ids")
+    present = {int(c) for c in found.unique().tolist()}
+    unknown = [c for c in ids if c not in present]
+    if unknown:
+        raise ConfigError(
+            "dataset.classes",
+            ids,
+            f"ids of classes in {where} ({min(present)}..{max(present)}); "
+            f"{', '.join(map(str, unknown))} not found",
+        )
+    if num_classes != len(ids):
+        raise ConfigError(
+            "dataset.num_classes",
+            num_classes,
+            f"{len(ids)}, the number of classes listed in dataset.classes",
+        )
+    return {original: new for new, original in enumerate(ids)}
+
+
+def subset_rows(targets: Tensor, mapping: dict[int, int] | None) -> tuple[Tensor, Tensor]:
+    """The rows of ``targets`` whose class is kept by ``mapping``, and their new labels."""
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    if mapping is None:
+        return torch.arange(len(targets)), targets
+    lookup = torch.full((int(targets.max()) + 1,), -1, dtype=torch.long)
+    for original, new in mapping.items():
+        if original < len(lookup):
+            lookup[original] = new
+    labels = lookup[targets]
+    rows = (labels >= 0).nonzero().flatten()
+    return rows, labels[rows]
+
+
+def limit_per_class(targets: Tensor, limit: int | None, split_seed: int) -> Tensor:
+    """Positions of at most ``limit`` samples of each class in ``targets``, seeded, in order.
+
+    Which samples of a class are kept depends only on ``split_seed`` and the class's samples.
+    """
+    if limit is None:
+        return torch.arange(len(targets))
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError("dataset.train_limit", limit, "null or a positive number per class")
+    g = torch.Generator().manual_seed(split_seed)
+    kept = []
+    for label in targets.unique().tolist():
+        rows = (targets == label).nonzero().flatten()
+        kept.append(rows[torch.randperm(len(rows), generator=g)[:limit]])
+    return torch.cat(kept).sort().values
+
+
 def tensor_data(
     train_x: Tensor,
     train_y: Tensor,
@@ -165,12 +229,27 @@ def tensor_data(
     scale: float = 255.0,
     augment: str | None = None,
     eval_batch_size: int | None = None,
+    classes: Sequence[int] | None = None,
+    train_limit: int | None = None,
 ) -> Data:
-    """In-memory :class:`Data` from NCHW image tensors and integer labels."""
-    check_classes(num_classes, torch.cat([train_y, test_y]), "the data")
+    """In-memory :class:`Data` from NCHW image tensors and integer labels.
+
+    ``classes`` keeps only those class ids (train, validation and test), relabelled 0..k-1 in the
+    listed order; ``train_limit`` then keeps at most that many training images per class (drawn
+    with ``split_seed`` after the validation split, which it leaves whole).
+    """
+    labels = torch.cat([train_y, test_y])
+    mapping = select_classes(classes, num_classes, labels, "the data")
+    if mapping is None:
+        check_classes(num_classes, labels, "the data")
+    else:
+        train_rows, train_y = subset_rows(train_y, mapping)
+        test_rows, test_y = subset_rows(test_y, mapping)
+        train_x, test_x = train_x[train_rows], test_x[test_rows]
     train_x = normalize(train_x, mean, std, scale)
     test_x = normalize(test_x, mean, std, scale)
     train_idx, val_idx = split_indices(len(train_y), val_size, split_seed)
+    train_idx = train_idx[limit_per_class(train_y[train_idx], train_limit, split_seed)]
     eval_bs = eval_batch_size or max(batch_size, 256)
     train_y, test_y = train_y.long(), test_y.long()
     return Data(

@@ -19,6 +19,8 @@ def load(
     val_size: float | int = 0.1,
     test_size: float | int = 0.2,
     split_seed: int = 0,
+    classes: list[int] | None = None,
+    train_limit: int | None = None,
 ) -> Data:
     """The digits as in-memory tensors; the test set is a fixed, seeded 20% of the 1,797 images.
 
@@ -45,4 +47,6 @@ def load(
         mean=[0.3053],
         std=[0.3750],
         scale=16.0,
+        classes=classes,
+        train_limit=train_limit,
     )

@@ -34,6 +34,8 @@ def load(
     augment: str | None = "crop_flip",
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
+    classes: list[int] | None = None,
+    train_limit: int | None = None,
 ) -> Data:
     """An image-folder dataset such as ImageNet (Deng et al. 2009, https://image-net.org).
 
@@ -42,7 +44,9 @@ def load(
     flip after resize and centre crop with ``augment=flip``, and resize and centre crop without
     augmentation. Validation and test images are resized to ``int(image_size * 1.14)`` (256 for
     224) and centre-cropped. ``channels=1`` converts to grayscale; ``mean`` and ``std`` (ImageNet's
-    by default) need one value per channel.
+    by default) need one value per channel. ``classes`` (ids are positions in the sorted list of
+    class folders) and ``train_limit`` select classes and cap training images per class (see
+    :func:`~kdexp.dataset.base.tensor_data`).
     """
     path = resolve_root(root)
     if augment not in AUGMENTS:
@@ -97,7 +101,7 @@ def load(
     train_set = _image_folder(train_path, "dataset.root", path)
     test_set = _image_folder(test_path, "dataset.test_dir", test_dir)
     found = len(train_set.classes)
-    if found != num_classes:
+    if found != num_classes and classes is None:
         raise ConfigError(
             "dataset.num_classes",
             num_classes,
@@ -123,6 +127,8 @@ def load(
         val_size=val_size,
         split_seed=split_seed,
         num_workers=num_workers,
+        classes=classes,
+        train_limit=train_limit,
     )
 
 

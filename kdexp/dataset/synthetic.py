@@ -20,6 +20,8 @@ def load(
     noise: float = 1.0,
     split_seed: int = 0,
     data_seed: int = 0,
+    classes: list[int] | None = None,
+    train_limit: int | None = None,
 ) -> Data:
     """Gaussian blobs: each class has a random mean image; samples add ``noise``-scaled noise.
 
@@ -49,4 +51,6 @@ def load(
         mean=[0.0] * channels,
         std=[1.0] * channels,
         scale=1.0,
+        classes=classes,
+        train_limit=train_limit,
     )

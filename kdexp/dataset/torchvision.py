@@ -22,7 +22,15 @@ from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.datasets.vision import StandardTransform, VisionDataset
 
-from kdexp.dataset.base import Batch, Data, split_indices, tensor_data
+from kdexp.dataset.base import (
+    Batch,
+    Data,
+    limit_per_class,
+    select_classes,
+    split_indices,
+    subset_rows,
+    tensor_data,
+)
 from kdexp.errors import ConfigError
 
 AUGMENTS = (None, "crop_flip", "flip")
@@ -69,6 +77,8 @@ def load(
     in_memory: bool = True,
     augment: str | None = None,
     num_workers: int = 0,
+    classes: list[int] | None = None,
+    train_limit: int | None = None,
 ) -> Data:
     """One of the torchvision classification datasets, with a seeded validation split.
 
@@ -80,6 +90,8 @@ def load(
     4-pixel pad, random crop and flip; ``flip``; or none) applies to the training split only.
     ``in_memory=false`` serves samples through torchvision transforms and a ``DataLoader`` with
     ``num_workers`` workers instead of the in-memory tensors; both give the same data.
+    ``classes`` and ``train_limit`` select classes and cap training images per class (see
+    :func:`~kdexp.dataset.base.tensor_data`).
     """
     if name not in _SPECS:
         raise ConfigError("dataset.name", name, f"one of {', '.join(_SPECS)}")
@@ -88,7 +100,13 @@ def load(
     path = resolve_root(root)
     train_set = _open(spec, name, path, train=True, download=download)
     test_set = _open(spec, name, path, train=False, download=False)
-    _check_found(name, train_set, num_classes=num_classes, channels=channels, image_size=image_size)
+    _check_found(
+        name,
+        train_set,
+        num_classes=num_classes if classes is None else len(train_set.classes),
+        channels=channels,
+        image_size=image_size,
+    )
 
     if in_memory:
         return tensor_data(
@@ -104,6 +122,8 @@ def load(
             mean=spec.mean,
             std=spec.std,
             augment=augment,
+            classes=classes,
+            train_limit=train_limit,
         )
 
     normalize = T.Normalize(spec.mean, spec.std)
@@ -127,6 +147,8 @@ def load(
         val_size=val_size,
         split_seed=split_seed,
         num_workers=num_workers,
+        classes=classes,
+        train_limit=train_limit,
     )
 
 
@@ -164,6 +186,8 @@ def loader_data(
     val_size: float | int,
     split_seed: int,
     num_workers: int = 0,
+    classes: Sequence[int] | None = None,
+    train_limit: int | None = None,
 ) -> Data:
     """:class:`Data` from per-sample datasets through :class:`~torch.utils.data.DataLoader`.
 
@@ -171,10 +195,25 @@ def loader_data(
     training and the evaluation transform; :func:`~kdexp.dataset.base.split_indices` picks which
     samples go to which split, exactly as the in-memory path does. The training loader shuffles
     with a generator seeded by ``seed``; evaluation batches hold ``max(batch_size, 256)`` samples.
+
+    ``classes`` and ``train_limit`` select exactly as :func:`~kdexp.dataset.base.tensor_data`
+    does; they read the datasets' ``targets`` (torchvision datasets and ``ImageFolder`` have them).
     """
     if len(train_set) != len(val_set):  # type: ignore[arg-type]
         raise ValueError("train_set and val_set must hold the same samples")
+    train_y = _targets(train_set) if classes is not None or train_limit is not None else None
+    if classes is not None and train_y is not None:
+        test_y = _targets(test_set)
+        mapping = select_classes(classes, num_classes, torch.cat([train_y, test_y]), "the data")
+        train_rows, train_y = subset_rows(train_y, mapping)
+        test_rows, _ = subset_rows(test_y, mapping)
+        assert mapping is not None
+        train_set = Relabeled(train_set, train_rows, mapping)
+        val_set = Relabeled(val_set, train_rows, mapping)
+        test_set = Relabeled(test_set, test_rows, mapping)
     train_idx, val_idx = split_indices(len(train_set), val_size, split_seed)  # type: ignore[arg-type]
+    if train_y is not None:
+        train_idx = train_idx[limit_per_class(train_y[train_idx], train_limit, split_seed)]
     eval_bs = max(batch_size, 256)
     common: dict[str, Any] = {
         "num_workers": num_workers,
@@ -194,6 +233,28 @@ def loader_data(
         num_classes=num_classes,
         input_shape=input_shape,
     )
+
+
+class Relabeled(Dataset[tuple[Any, int]]):
+    """The samples ``rows`` of ``dataset``, their labels mapped through ``mapping``."""
+
+    def __init__(self, dataset: Dataset[Any], rows: Tensor, mapping: dict[int, int]) -> None:
+        self.dataset, self.rows, self.mapping = dataset, rows.tolist(), mapping
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        x, y = self.dataset[self.rows[index]]
+        return x, self.mapping[int(y)]
+
+
+def _targets(dataset: Dataset[Any]) -> Tensor:
+    """The integer labels of every sample of a torchvision-style dataset (its ``targets``)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise ValueError(f"{type(dataset).__name__} has no targets; cannot select classes")
+    return torch.as_tensor(targets, dtype=torch.long)
 
 
 def _collate(samples: list[tuple[Tensor, int]]) -> Batch:

@@ -19,6 +19,12 @@ distilling) gets ``teacher=`` too. A method that starts from a trained model set
 ``starts_from_trained = True``: with ``checkpoint: null`` the run then uses ``checkpoint=auto``
 (reuse, or train once, a baseline of the same model, dataset, schedule and seed).
 
+Three hooks let a method change how it starts (fine-tuning uses all three):
+``method.start_config(cfg)`` names the config whose baseline ``checkpoint=auto`` (or null, for a
+``starts_from_trained`` method) trains or reuses; ``method.load_start(model, path, key)`` loads
+the starting weights, before ``prepare``; ``method.param_groups(model, lr)`` may return optimizer
+parameter groups (with their own ``lr``) instead of one flat list of trainable parameters.
+
 A method is an ``nn.Module`` so that its own trainable parts (connectors, regressors, learned
 quantizer scales) are optimised with the model (``method.parameters()``), move with ``.to()``, and
 are saved in checkpoints (``method.state_dict()``). State that is neither a parameter nor a buffer
@@ -29,9 +35,12 @@ are saved in checkpoints (``method.state_dict()``). State that is neither a para
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from kdexp.checkpoint import load_weights
 from kdexp.dataset.base import Data
 
 
@@ -45,6 +54,24 @@ class Method(nn.Module):
         super().__init__()
         self.data = data
         self.criterion = criterion
+
+    def start_config(self, cfg: DictConfig) -> DictConfig | None:
+        """The run config whose baseline ``checkpoint=auto`` trains or reuses: ``cfg`` itself.
+
+        None means there is nothing to load (the model config brought its own weights).
+        """
+        return cfg
+
+    def load_start(self, model: nn.Module, path: Path, key: str) -> None:
+        """Load the starting weights in ``path`` (named by config key ``key``) into ``model``."""
+        load_weights(model, path, key)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups for the prepared ``model`` and this method, or None.
+
+        None (the default) trains every parameter of both that requires grad at ``lr``.
+        """
+        return None
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Return the model to train; called once before the optimizer is built."""

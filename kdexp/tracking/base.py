@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdexp.errors import ConfigError
+
+if TYPE_CHECKING:  # the tracker modules stay light to import
+    import numpy as np
+    from torch import nn
 
 
 class Tracker:
@@ -46,6 +51,9 @@ class Tracker:
 
     def flush(self) -> None:
         """Send buffered metrics now."""
+
+    def log_model(self, model: nn.Module, input_example: np.ndarray) -> None:
+        """Store ``model`` with the run, loadable as is; ``input_example`` is a batch of inputs."""
 
     def find_finished(self, tags: Mapping[str, str]) -> str | None:
         """The id of the newest FINISHED run carrying all ``tags``, if the store has one."""

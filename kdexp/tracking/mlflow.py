@@ -7,8 +7,10 @@ each epoch, which keeps the training loop's overhead negligible.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import pickle
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -20,7 +22,9 @@ from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import Record, Spool
 
 if TYPE_CHECKING:  # mlflow is imported lazily at run time
+    import numpy as np
     from mlflow.tracking import MlflowClient
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ _RETRY_FIRST_S, _RETRY_MAX_S = 5.0, 60.0  # backoff between sends while the stor
 
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 _MAX_PARAM_CHARS = 6000  # MLflow 3's limit on a param value
+#: What torch.export and pickle raise for a model they cannot store (packed int8 weights, lambdas,
+#: data-dependent control flow).
+_UNSTORABLE = (pickle.PicklingError, AttributeError, TypeError, RuntimeError, NotImplementedError)
 
 
 def default_uri() -> str:
@@ -126,7 +133,10 @@ def _truncate(value: object) -> str:
 
 
 class MlflowTracker(Tracker):
-    """One MLflow run per job; ``uri`` null means SQLite at outputs/mlflow.db."""
+    """One MLflow run per job; ``uri`` null means SQLite at outputs/mlflow.db.
+
+    ``log_model`` stores the final model with each run (:meth:`log_model`).
+    """
 
     def __init__(
         self,
@@ -134,8 +144,10 @@ class MlflowTracker(Tracker):
         experiment: str = "kdexp",
         artifact_root: str | None = None,
         flush_every_s: float = 10.0,
+        log_model: bool = True,
     ) -> None:
         self.uri = uri or default_uri()
+        self.model_logging = log_model
         limit_http_retries(self.uri)
         self.experiment = experiment
         self.artifact_root = artifact_root
@@ -287,6 +299,73 @@ class MlflowTracker(Tracker):
         self._open_run()
         self._spool.add(self._take_buffer())
         self._deliver()
+
+    def log_model(self, model: nn.Module, input_example: np.ndarray) -> None:
+        """Log ``model`` as the run's MLflow model ``model``: ``runs:/<run id>/model`` loads it.
+
+        A CPU copy in eval mode goes to ``mlflow.pytorch.log_model`` with the input example (and
+        the signature inferred from it), exported with ``torch.export`` (``pt2``: loads back
+        without kdexp). A model that ``torch.export`` cannot trace (eager int8 models with packed
+        weights) is pickled instead, which needs kdexp importable to load. A model that neither
+        way can store is not logged: a warning says why and the run still ends FINISHED, as it
+        does when the store cannot take the model.
+        """
+        if not self.model_logging:
+            return
+        from importlib.metadata import version
+
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.entities import LoggedModelStatus
+        from mlflow.exceptions import MlflowException
+
+        client, run_id = self._open_run()
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log noise
+        try:
+            cpu = copy.deepcopy(model).cpu().eval()
+        except (RuntimeError, TypeError, pickle.PicklingError) as error:
+            log.warning("tracking: the model cannot be copied, so it is not logged (%s)", error)
+            return
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)  # log_model resolves the store from the global URI
+        try:
+            # Created here, in the run's experiment: log_model alone would file the model under
+            # the fluent API's current experiment (Default), where runs:/<id>/model misses it.
+            experiment_id = client.get_run(run_id).info.experiment_id
+            failures = []
+            for serialization in ("pt2", "pickle"):
+                logged = client.create_logged_model(
+                    experiment_id, name="model", source_run_id=run_id
+                )
+                try:
+                    mlflow.pytorch.log_model(
+                        cpu,
+                        name="model",
+                        model_id=logged.model_id,
+                        run_id=run_id,
+                        input_example=input_example,
+                        serialization_format=serialization,
+                        # Listing them skips inference, which loads the model in a subprocess.
+                        pip_requirements=[f"torch=={version('torch')}"],
+                    )
+                except _UNSTORABLE as error:  # torch.export or pickle refused this model
+                    failures.append(f"{serialization}: {type(error).__name__}: {_reason(error)}")
+                    client.delete_logged_model(logged.model_id)
+                    continue
+                client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+                if failures:
+                    log.info("tracking: model logged with pickle (%s)", failures[0])
+                return
+            log.warning(
+                "tracking: %s can be neither exported nor pickled, so it is not logged as an "
+                "MLflow model (%s); checkpoints/final.pt holds its weights",
+                type(model).__name__,
+                "; ".join(failures),
+            )
+        except (MlflowException, OSError) as error:
+            log.warning("tracking: the model could not be logged to %s (%s)", self.uri, error)
+        finally:
+            mlflow.set_tracking_uri(previous)
 
     @property
     def unsent(self) -> int:
