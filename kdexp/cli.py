@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdexp.errors import ConfigError
@@ -22,6 +23,7 @@ def main(cfg: DictConfig) -> float:
     A config mistake (:class:`ConfigError`) exits with status 2 and removes the files Hydra wrote
     for the job, so nothing half-written is left. Any other error exits with status 1 and keeps
     its traceback in ``<output dir>/traceback.txt``; ``HYDRA_FULL_ERROR=1`` shows it instead.
+    In a multirun neither stops the sweep: the job is recorded as failed and the sweep goes on.
     SIGINT and SIGTERM stop training after the current step with a checkpoint, print how to
     resume, and exit with status 130 and 143 (128 + the signal number).
     """
@@ -39,6 +41,8 @@ def main(cfg: DictConfig) -> float:
         sys.exit(128 + stop.signum)
     except ConfigError as error:
         print(f"kdexp: error: {error}", file=sys.stderr, flush=True)
+        if _in_multirun():
+            return _failed(str(error))
         _remove_job_files()
         sys.exit(2)
     except Exception as error:
@@ -52,7 +56,22 @@ def main(cfg: DictConfig) -> float:
             file=sys.stderr,
             flush=True,
         )
+        if _in_multirun():
+            return _failed(f"{type(error).__name__}: {error}")
         sys.exit(1)
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _failed(message: str) -> float:
+    """In a multirun a failing job does not stop the sweep: it is recorded, and its objective is
+    NaN (a failed trial to Hydra's sweepers); :class:`kdexp.sweep.ReportFailedJobs` lists it."""
+    from kdexp.sweep import record_failure
+
+    record_failure(_output_dir(), list(HydraConfig.get().overrides.task), message)
+    return float("nan")
 
 
 def _output_dir() -> Path:

@@ -210,3 +210,20 @@ def test_unknown_group_option_lists_the_choices(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert re.search(r"Could not find 'model/resnet9000'", done.stderr)
     assert "resnet8x4" in done.stderr  # Hydra lists the available options
+
+
+@pytest.mark.slow
+def test_failing_jobs_do_not_stop_a_sweep_and_are_listed_at_its_end(tmp_path: Path) -> None:
+    args = ["-m", "method=baseline", "dataset=synthetic", "schedule.epochs=1", "latency_repeats=1"]
+    args += ["schedule.lr=1e30,0.05,0"]  # diverges; trains; refused before it starts
+    done = run_cli(args + tracking_overrides(tmp_path), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "kdexp: 2 job(s) of the sweep failed:" in done.stderr
+    assert re.search(r"#0 .*schedule.lr=1e\+30 .*: FloatingPointError: train/loss is nan", done.stderr)
+    assert re.search(r"#2 .*schedule.lr=0 .*: schedule.lr=0: a positive number", done.stderr)
+    assert "Traceback" not in done.stderr
+    runs = _runs(tmp_path / "mlflow.db", "test")
+    assert sorted((r.data.tags["job_num"], r.info.status) for r in runs) == [
+        ("0", "FAILED"),
+        ("1", "FINISHED"),
+    ]
