@@ -442,10 +442,11 @@ def test_best_checkpoint_waits_for_the_final_masks(tmp_path) -> None:
 
 @pytest.mark.parametrize("kind", ["magnitude", "channel"])
 def test_masks_and_schedule_position_survive_a_state_dict_round_trip(kind: str) -> None:
-
     data = synthetic(batch_size=16, seed=0, channels=3, image_size=8)
-    make = {
-        "magnitude": lambda: Magnitude(
+    pruner = {"magnitude": Magnitude, "channel": Channel}[kind]
+
+    def make() -> Magnitude | Channel:
+        return pruner(
             data=data,
             criterion=nn.CrossEntropyLoss(),
             sparsity=0.5,
@@ -453,17 +454,8 @@ def test_masks_and_schedule_position_survive_a_state_dict_round_trip(kind: str) 
             epochs=2,
             frequency=2,
             updates=3,
-        ),
-        "channel": lambda: Channel(
-            data=data,
-            criterion=nn.CrossEntropyLoss(),
-            sparsity=0.5,
-            schedule="linear",
-            epochs=2,
-            frequency=2,
-            updates=3,
-        ),
-    }[kind]
+        )
+
     torch.manual_seed(0)
     model = CifarResNet(8, 10, 3)
     trained = make()
