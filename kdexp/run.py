@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,9 +25,13 @@ from torch import nn
 import kdexp
 from kdexp.checkpoint import load_weights, read_state_dict, read_training_state, save_checkpoint
 from kdexp.config import config_hash, flatten, pretrain_key, resolve_device, validate
+from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
+from kdexp.lineage import LINEAGE_TAG, lineage_key
+from kdexp.method.base import Method
 from kdexp.method.baseline import Baseline
 from kdexp.plots import learning_curves
+from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted
 from kdexp.stats import model_stats
@@ -65,23 +69,77 @@ class Job:
 
 @dataclass
 class RunResult:
-    """What :func:`execute` leaves: the final metrics and the final model's checkpoint."""
+    """What :func:`execute` leaves: the final metrics, the final model's checkpoint and lineage.
+
+    ``final_checkpoint`` is None for a reused run (its ``checkpoints/final.pt`` artifact holds it).
+    """
 
     metrics: dict[str, float]
-    final_checkpoint: Path
+    final_checkpoint: Path | None
     run_id: str | None
+    lineage: str
+    reused: bool = False
+
+
+@dataclass
+class _Built:
+    """A run ready to train: everything :func:`execute` builds before the loop starts."""
+
+    tracker: Tracker
+    device: torch.device
+    data: Data
+    criterion: nn.Module
+    model: nn.Module
+    method: Method
+    lineage: str
 
 
 def run(cfg: DictConfig) -> float:
-    """The Hydra job: execute the composed config and return the value of ``cfg.objective``."""
+    """The Hydra job: execute the composed config and return the value of ``cfg.objective``.
+
+    A config with a ``pipeline`` runs its stages in order (:mod:`kdexp.pipeline`).
+    """
     if "hydra" in cfg:  # composed with return_hydra_config (tests); a job never sees it
         cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
-    result = execute(cfg, Job(group_names(cfg), _output_dir(), _hydra_tags()))
+    job = Job(group_names(cfg), _output_dir(), _hydra_tags())
+    if OmegaConf.select(cfg, "pipeline") is not None:
+        from kdexp.pipeline import run_pipeline
+
+        result = run_pipeline(cfg, job)
+    else:
+        result = execute(cfg, job, reuse_finished=bool(cfg.get("skip_finished", False)))
     return float(result.metrics[cfg.objective])
 
 
-def execute(cfg: DictConfig, job: Job) -> RunResult:
-    """Seed, build, train, evaluate and log one run of ``cfg``."""
+def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResult:
+    """Seed, build, train, evaluate and log one run of ``cfg``.
+
+    With ``reuse_finished`` a FINISHED run with the same lineage (:mod:`kdexp.lineage`) is
+    returned instead, and nothing is trained; a lock keeps parallel jobs from training it twice.
+    """
+    built = _build(cfg, job)
+    if not reuse_finished:
+        return _train(cfg, job, built)
+    with built.tracker.lock(built.lineage):
+        found = built.tracker.find_finished({LINEAGE_TAG: built.lineage})
+        if found is None:
+            return _train(cfg, job, built)
+    metrics = built.tracker.run_metrics(found)
+    log.info("reusing FINISHED run %s (lineage %s): nothing to train", found, built.lineage)
+    print(
+        f"kdexp: reusing run {found}, FINISHED with the same config and inputs "
+        f"(lineage {built.lineage}): test/acc1 {metrics.get('test/acc1', float('nan')):.2f}%",
+        flush=True,
+    )
+    return RunResult(metrics, None, found, built.lineage, reused=True)
+
+
+def _build(cfg: DictConfig, job: Job) -> _Built:
+    """Check ``cfg``, load the data, build the model and method, and load the inputs' weights.
+
+    The inputs (a starting model, a teacher) are found, or trained first, here; their lineage and
+    the config give the run's lineage key.
+    """
     validate(cfg)
     if cfg.objective not in FINAL_METRICS:
         raise ConfigError("objective", cfg.objective, "one of " + ", ".join(FINAL_METRICS))
@@ -109,6 +167,7 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         runtime["teacher"] = instantiate(cfg.teacher)
     # The method checks its settings and layer names here, before any input is trained.
     method = instantiate(cfg.method)(data=data, criterion=criterion, **runtime)
+    inputs: dict[str, str] = {}
     if cfg.checkpoint is not None or getattr(method_class, "starts_from_trained", False):
         # checkpoint=auto (or null) trains or reuses a baseline of the method's start config:
         # this run's, or another dataset's for fine-tuning; None: the model brought its weights.
@@ -120,20 +179,28 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
             weights = _trained_weights(
                 start, job, tracker, "checkpoint", start.model, job.names["model"], dataset
             )
-            method.load_start(model, weights, "checkpoint")
-    method.to(device)
-    model = method.prepare(model.to(device))
+            method.load_start(model, weights.path, "checkpoint")
+            inputs["checkpoint"] = weights.lineage
     if uses_teacher:
         name = job.names.get("teacher") or _target_name(cfg.teacher)
         weights = _trained_weights(cfg, job, tracker, "teacher_checkpoint", cfg.teacher, name)
-        load_weights(runtime["teacher"], weights, "teacher_checkpoint")
+        load_weights(runtime["teacher"], weights.path, "teacher_checkpoint")
+        inputs["teacher_checkpoint"] = weights.lineage
+    lineage = lineage_key(cfg, inputs)
+    return _Built(tracker, device, data, criterion, model, method, lineage)
+
+
+def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
+    """Train the built run in a tracked run of its own, evaluate the final model and log it."""
+    tracker, device, data, method = built.tracker, built.device, built.data, built.method
+    method.to(device)
+    model = method.prepare(built.model.to(device))
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # torch.compile of a Module returns an OptimizedModule, itself a Module.
     trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
-    params = method.param_groups(model, cfg.schedule.lr) or [
-        p for p in [*model.parameters(), *method.parameters()] if p.requires_grad
-    ]
+    trainable = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    params: list[Any] = method.param_groups(model, cfg.schedule.lr) or trainable
     optimizer = instantiate(cfg.schedule.optimizer)(params=params)
     # A method that does not train (post-training quantization) asks for fewer loop epochs; its
     # schedule config stays as composed, for the baseline that checkpoint=auto may train.
@@ -159,8 +226,8 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
     )
     names = {k: job.names[k] for k in ("method", "model", "dataset")}
     run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
-    tags = {**_tags(cfg, job.names, device), **job.tags}
-    if method_class is Baseline and cfg.checkpoint is None:  # reusable as a teacher or start
+    tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
+    if type(method) is Baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)
     tags["kdexp.checkpoint"] = str((checkpoint_dir / "last.pt").resolve())
     resume_id = state.get("run_id") or None if state else None
@@ -182,7 +249,7 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         model = method.finalize(model)
         final_checkpoint = checkpoint_dir / "final.pt"
         save_checkpoint(final_checkpoint, model)
-        test = evaluate(model, data.test, device, criterion)
+        test = evaluate(model, data.test, device, built.criterion)
         final = {
             "best/val_acc1": result.best_val_acc1,
             "best/epoch": result.best_epoch,
@@ -205,7 +272,7 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {job.out_dir}",
         flush=True,
     )
-    return RunResult(final, final_checkpoint, tracker.run_id)
+    return RunResult(final, final_checkpoint, tracker.run_id, built.lineage)
 
 
 def _input_example(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
@@ -257,7 +324,7 @@ def _trained_weights(
     model_cfg: DictConfig,
     name: str,
     dataset: str | None = None,
-) -> Path:
+) -> Weights:
     source = cfg[key] if cfg[key] is not None else "auto"
     names = {"method": "baseline", "model": name, "dataset": dataset or job.names["dataset"]}
     return resolve_trained(

@@ -399,6 +399,12 @@ class MlflowTracker(Tracker):
         stopped = [r for r in found if r.info.status in ("KILLED", "FAILED")]
         return stopped[0].info.run_id if stopped else None
 
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of run ``run_id``."""
+        from mlflow.tracking import MlflowClient
+
+        return dict(MlflowClient(tracking_uri=self.uri).get_run(run_id).data.metrics)
+
     def run_tag(self, run_id: str, tag: str, key: str) -> str | None:
         """The value of ``tag`` on run ``run_id``; a :class:`ConfigError` if there is no run."""
         from mlflow.exceptions import MlflowException
