@@ -175,7 +175,9 @@ def run_pipeline(cfg: DictConfig, job: Job) -> RunResult:
     with tracker.run(run_name, dict(flatten(cfg)), tags):
         for stage in planned:
             stage_cfg = _with_inputs(stage.cfg, results)
-            stage_tags = {**job.tags, "kdexp.stage": stage.name}
+            # A sweep's job is the pipeline's run; its stages nest under that run instead.
+            outer = {k: v for k, v in job.tags.items() if k not in ("sweep_id", "job_num")}
+            stage_tags = {**outer, "kdexp.stage": stage.name}
             if tracker.run_id:
                 stage_tags["mlflow.parentRunId"] = tracker.run_id
             log.info("pipeline: stage %s", stage.name)

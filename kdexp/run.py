@@ -35,6 +35,7 @@ from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted
 from kdexp.stats import model_stats
+from kdexp.sweep import parent_run, record_job, sweep_id
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
 from kdexp.train import LoopOptions, evaluate, fit
@@ -108,7 +109,11 @@ def run(cfg: DictConfig) -> float:
         result = run_pipeline(cfg, job)
     else:
         result = execute(cfg, job, reuse_finished=bool(cfg.get("skip_finished", False)))
-    return float(result.metrics[cfg.objective])
+    objective = float(result.metrics[cfg.objective])
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        overrides = list(HydraConfig.get().overrides.task)
+        record_job(job.out_dir, overrides, result.run_id, objective, result.reused)
+    return objective
 
 
 def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResult:
@@ -400,14 +405,19 @@ def _tags(cfg: DictConfig, names: dict[str, str], device: torch.device) -> dict[
 
 
 def _hydra_tags() -> dict[str, str]:
-    """The command-line overrides and, in a multirun, the sweep folder and job number."""
+    """The command-line overrides and, in a multirun, the sweep (folder, id, parent run) and the
+    job's number."""
     if not HydraConfig.initialized():
         return {}
     hc = HydraConfig.get()
     tags = {"overrides": " ".join(hc.overrides.task) or "(none)"}
     if hc.mode == RunMode.MULTIRUN:
         tags["sweep_dir"] = str(Path(hc.sweep.dir).resolve())
+        tags["sweep_id"] = sweep_id(Path(hc.sweep.dir))
         tags["job_num"] = str(hc.job.num)
+        parent = parent_run(Path(hc.sweep.dir))
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent
     return tags
 
 

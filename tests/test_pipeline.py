@@ -197,5 +197,7 @@ def test_a_relaunched_sweep_with_skip_finished_runs_only_the_missing_jobs(tmp_pa
     again = run_cli(["-m", *common, "seed=0,1,2", "skip_finished=true"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("kdexp: reusing run") == 2
-    runs = _runs(tmp_path)
+    runs = [r for r in _runs(tmp_path) if r.data.tags.get("kdexp.role") != "sweep"]
     assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1", "2"]
+    parents = [r for r in _runs(tmp_path) if r.data.tags.get("kdexp.role") == "sweep"]
+    assert sorted(p.data.metrics["sweep/reused"] for p in parents) == [0, 2]
