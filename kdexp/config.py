@@ -126,6 +126,7 @@ EXECUTION_KEYS = (
     "hydra",
     "resume",
     "checkpoint_every_steps",
+    "export_onnx",
 )
 
 

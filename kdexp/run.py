@@ -26,6 +26,8 @@ import kdexp
 from kdexp.checkpoint import load_weights, read_state_dict, read_training_state, save_checkpoint
 from kdexp.config import config_hash, flatten, pretrain_key, resolve_device, validate
 from kdexp.errors import ConfigError
+from kdexp.export import check_config as check_export
+from kdexp.export import log_onnx
 from kdexp.method.baseline import Baseline
 from kdexp.plots import learning_curves
 from kdexp.pretrained import resolve as resolve_trained
@@ -83,6 +85,7 @@ def run(cfg: DictConfig) -> float:
 def execute(cfg: DictConfig, job: Job) -> RunResult:
     """Seed, build, train, evaluate and log one run of ``cfg``."""
     validate(cfg)
+    check_export(cfg)
     if cfg.objective not in FINAL_METRICS:
         raise ConfigError("objective", cfg.objective, "one of " + ", ".join(FINAL_METRICS))
     method_class = get_class(cfg.method._target_)
@@ -196,6 +199,8 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         tracker.log_metrics(final, result.steps)
         tracker.flush()
         tracker.log_model(model, _input_example(data.test))
+        if OmegaConf.select(cfg, "export_onnx", default=False):
+            log_onnx(tracker, model, _input_example(data.test), job.out_dir, result.steps)
         _log_artifacts(tracker, cfg, job.out_dir, result.history)
         for path in method.write_artifacts(job.out_dir / "method"):
             tracker.log_artifact(path, "method")

@@ -55,6 +55,14 @@ class Method(nn.Module):
         self.data = data
         self.criterion = criterion
 
+    @classmethod
+    def onnx_unsupported(cls, cfg: DictConfig) -> str | None:
+        """Why ``export_onnx`` cannot export the final model of method config ``cfg``, or None.
+
+        Checked before training; a method whose final model torch.onnx cannot export overrides it.
+        """
+        return None
+
     def start_config(self, cfg: DictConfig) -> DictConfig | None:
         """The run config whose baseline ``checkpoint=auto`` trains or reuses: ``cfg`` itself.
 
