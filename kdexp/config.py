@@ -130,6 +130,7 @@ EXECUTION_KEYS = (
     "checkpoint_every_steps",
     "reuse",
     "skip_finished",
+    "export_onnx",
 )
 
 

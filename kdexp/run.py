@@ -27,6 +27,8 @@ from kdexp.checkpoint import load_weights, read_state_dict, read_training_state,
 from kdexp.config import config_hash, flatten, pretrain_key, resolve_device, validate
 from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
+from kdexp.export import check_config as check_export
+from kdexp.export import log_onnx
 from kdexp.lineage import LINEAGE_TAG, lineage_key
 from kdexp.method.base import Method
 from kdexp.method.baseline import Baseline
@@ -146,6 +148,7 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     the config give the run's lineage key.
     """
     validate(cfg)
+    check_export(cfg)
     if cfg.objective not in FINAL_METRICS:
         raise ConfigError("objective", cfg.objective, "one of " + ", ".join(FINAL_METRICS))
     method_class = get_class(cfg.method._target_)
@@ -268,6 +271,8 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         tracker.log_metrics(final, result.steps)
         tracker.flush()
         tracker.log_model(model, _input_example(data.test))
+        if OmegaConf.select(cfg, "export_onnx", default=False):
+            log_onnx(tracker, model, _input_example(data.test), job.out_dir, result.steps)
         _log_artifacts(tracker, cfg, job.out_dir, result.history)
         for path in method.write_artifacts(job.out_dir / "method"):
             tracker.log_artifact(path, "method")

@@ -40,7 +40,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from kdexp.checkpoint import load_weights
+from kdexp.checkpoint import load_weights, read_state_dict
 from kdexp.dataset.base import Data
 
 
@@ -55,6 +55,14 @@ class Method(nn.Module):
         self.data = data
         self.criterion = criterion
 
+    @classmethod
+    def onnx_unsupported(cls, cfg: DictConfig) -> str | None:
+        """Why ``export_onnx`` cannot export the final model of method config ``cfg``, or None.
+
+        Checked before training; a method whose final model torch.onnx cannot export overrides it.
+        """
+        return None
+
     def start_config(self, cfg: DictConfig) -> DictConfig | None:
         """The run config whose baseline ``checkpoint=auto`` trains or reuses: ``cfg`` itself.
 
@@ -63,7 +71,14 @@ class Method(nn.Module):
         return cfg
 
     def load_start(self, model: nn.Module, path: Path, key: str) -> None:
-        """Load the starting weights in ``path`` (named by config key ``key``) into ``model``."""
+        """Load the starting weights in ``path`` (named by config key ``key``) into ``model``.
+
+        A channel-pruned checkpoint of this model (the same entries, narrower channels) first
+        shrinks ``model``, in place, to its widths; any other misfit is a ConfigError.
+        """
+        from kdexp.method.prune.channel import shrink_to_fit  # it imports this module
+
+        shrink_to_fit(model, read_state_dict(path, key), self.data.input_shape)
         load_weights(model, path, key)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:

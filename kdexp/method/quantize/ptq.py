@@ -11,6 +11,7 @@ trained first with the run's schedule). ``finalize`` converts with
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdexp.dataset.base import Data
@@ -106,6 +107,11 @@ class PTQInt8(_PostTraining):
 class DynamicInt8(_PostTraining):
     """Dynamic int8 quantization of the Linear layers: int8 weights, activations quantized per
     batch at run time (no calibration). Suits Linear-heavy models (MLPs, transformers)."""
+
+    @classmethod
+    def onnx_unsupported(cls, cfg: DictConfig) -> str | None:
+        """torch.onnx has no mapping for torch.ao's dynamic int8 Linear (linear_dynamic)."""
+        return "torch.onnx cannot export dynamic int8 layers"
 
     def check(self, model: nn.Module) -> None:
         """A model without Linear layers has nothing to quantize dynamically."""

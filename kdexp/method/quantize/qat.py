@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdexp.dataset.base import Data
@@ -77,6 +78,14 @@ class QAT(QuantMethod):
             if teacher is None:
                 raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
             self.distiller = distill(data=data, criterion=criterion, teacher=teacher)
+
+    @classmethod
+    def onnx_unsupported(cls, cfg: DictConfig) -> str | None:
+        """Below 8 bits the weights are unpacked with bit shifts that torch.onnx cannot export."""
+        bits = cfg.get("bits", 4)
+        if bits != 8:
+            return f"method.bits={bits} stores packed weights that torch.onnx cannot export"
+        return None
 
     # -- the Method protocol ------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
