@@ -237,3 +237,17 @@ def test_torchrun_two_ranks_match_one_process_and_log_once(tmp_path: Path) -> No
     # it learnt something: far above the 10% of chance after two epochs
     assert one.data.metrics["test/acc1"] > 20
     assert len(_history(client, one.info.run_id, "train/loss")) == 2 * 21 // 5 + 1
+
+
+def test_method_that_cannot_train_alike_on_every_rank_is_refused(
+    compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import tracking_overrides
+
+    from kdexp.run import Job, execute
+
+    cfg = compose_cfg("method=prune/sensitivity", *tracking_overrides(tmp_path))
+    monkeypatch.setattr(distributed, "_active", distributed.Context(1, 2, 1))
+    with pytest.raises(ConfigError, match=r"method='prune/sensitivity': .*torchrun"):
+        execute(cfg, Job({"method": "prune/sensitivity"}, tmp_path / "run"))
+    assert not (tmp_path / "mlflow.db").exists()
