@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kdexp import distributed
 from kdexp.config import flatten, validate
 from kdexp.errors import ConfigError
 from kdexp.lineage import INPUT_KEYS, PIPELINE_KEYS
@@ -159,6 +160,10 @@ def _stage_names(
 
 def run_pipeline(cfg: DictConfig, job: Job) -> RunResult:
     """Run (or reuse) every stage of ``cfg``'s pipeline under one parent run; see the module."""
+    if distributed.current() is not None:
+        raise ConfigError(
+            "pipeline", list(cfg.pipeline), "a single process: run pipelines without torchrun"
+        )
     planned = stages(cfg, job.names)
     reuse = cfg.get("reuse", "auto") == "auto"
     tracker = instantiate(cfg.tracking)

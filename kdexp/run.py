@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import kdexp
+from kdexp import distributed
 from kdexp.checkpoint import load_weights, read_state_dict, read_training_state, save_checkpoint
 from kdexp.config import config_hash, flatten, pretrain_key, resolve_device, validate
 from kdexp.dataset.base import Data
@@ -105,12 +106,13 @@ def run(cfg: DictConfig) -> float:
     if "hydra" in cfg:  # composed with return_hydra_config (tests); a job never sees it
         cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
     job = Job(group_names(cfg), _output_dir(), _hydra_tags())
-    if OmegaConf.select(cfg, "pipeline") is not None:
-        from kdexp.pipeline import run_pipeline
+    with distributed.session(cfg.device):  # a no-op unless launched by torchrun
+        if OmegaConf.select(cfg, "pipeline") is not None:
+            from kdexp.pipeline import run_pipeline
 
-        result = run_pipeline(cfg, job)
-    else:
-        result = execute(cfg, job, reuse_finished=bool(cfg.get("skip_finished", False)))
+            result = run_pipeline(cfg, job)
+        else:
+            result = execute(cfg, job, reuse_finished=bool(cfg.get("skip_finished", False)))
     objective = float(result.metrics[cfg.objective])
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         overrides = list(HydraConfig.get().overrides.task)
@@ -127,11 +129,12 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
     built = _build(cfg, job)
     if not reuse_finished:
         return _train(cfg, job, built)
-    with built.tracker.lock(built.lineage):
-        found = built.tracker.find_finished({LINEAGE_TAG: built.lineage})
+    tracker = built.tracker  # under torchrun rank 0 decides, and tells the other ranks
+    with tracker.lock(built.lineage):
+        found = distributed.on_main(lambda: tracker.find_finished({LINEAGE_TAG: built.lineage}))
         if found is None:
             return _train(cfg, job, built)
-    metrics = built.tracker.run_metrics(found)
+    metrics = distributed.on_main(lambda: tracker.run_metrics(found))
     log.info("reusing FINISHED run %s (lineage %s): nothing to train", found, built.lineage)
     print(
         f"kdexp: reusing run {found}, FINISHED with the same config and inputs "
@@ -163,9 +166,19 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
             job.names.get("teacher", "set"),
             "only for distillation methods: pick method=distill/<name>, or drop model@teacher",
         )
-    device = resolve_device(cfg.device)
-    tracker = instantiate(cfg.tracking)
+    ddp = distributed.current()
+    if ddp and not getattr(method_class, "supports_distributed", True):
+        raise ConfigError(
+            "method",
+            job.names["method"],
+            "a method that trains alike on every rank under torchrun (its class sets "
+            "supports_distributed = False); run this one as a single process",
+        )
+    device = distributed.local_device(resolve_device(cfg.device))
+    # Under torchrun only rank 0 talks to MLflow; the others record nothing.
+    tracker = instantiate(cfg.tracking) if distributed.is_main() else Tracker()
     data = instantiate(cfg.dataset)(batch_size=cfg.schedule.batch_size, seed=cfg.seed)
+    data = distributed.shard(data, cfg.schedule.batch_size)  # each rank's slice of a batch
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.schedule.label_smoothing)
 
     seed_everything(cfg.seed, cfg.deterministic)
@@ -184,14 +197,18 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
             dataset = job.names["dataset"]
             if start.dataset != cfg.dataset:
                 dataset += "-source"
-            weights = _trained_weights(
-                start, job, tracker, "checkpoint", start.model, job.names["model"], dataset
+            weights = distributed.on_main(
+                lambda: _trained_weights(
+                    start, job, tracker, "checkpoint", start.model, job.names["model"], dataset
+                )
             )
             method.load_start(model, weights.path, "checkpoint")
             inputs["checkpoint"] = weights.lineage
     if uses_teacher:
         name = job.names.get("teacher") or _target_name(cfg.teacher)
-        weights = _trained_weights(cfg, job, tracker, "teacher_checkpoint", cfg.teacher, name)
+        weights = distributed.on_main(
+            lambda: _trained_weights(cfg, job, tracker, "teacher_checkpoint", cfg.teacher, name)
+        )
         load_weights(runtime["teacher"], weights.path, "teacher_checkpoint")
         inputs["teacher_checkpoint"] = weights.lineage
     lineage = lineage_key(cfg, inputs)
@@ -218,7 +235,8 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         epochs=epochs,
         steps_per_epoch=len(data.train),  # type: ignore[arg-type]
     )
-    state, resume_path = _resume_state(cfg, tracker)
+    resume_path = distributed.on_main(lambda: _resume_path(cfg, tracker))
+    state = read_training_state(resume_path, "resume") if resume_path else None
     # A resumed run keeps writing into the folder of the checkpoint it carries on from.
     checkpoint_dir = resume_path.parent if resume_path else job.out_dir / "checkpoints"
     options = LoopOptions(
@@ -228,7 +246,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         amp=cfg.amp,
         channels_last=cfg.channels_last and device.type == "cuda",
         log_every=cfg.log_every,
-        checkpoint_dir=checkpoint_dir,
+        checkpoint_dir=checkpoint_dir if distributed.is_main() else None,
         checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
         on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
     )
@@ -247,11 +265,18 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
         try:
-            result = fit(trained, method, data, optimizer, scheduler, tracker, options, state)
+            ddp = distributed.current() is not None
+            front = distributed.wrap(trained, method, data.train, device) if ddp else None
+            result = fit(
+                trained, method, data, optimizer, scheduler, tracker, options, state, front
+            )
         except Interrupted as stop:
             stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
             tracker.set_tags({"kdexp.resume": stop.command})
             raise
+        if not distributed.is_main():  # rank 0 alone tests, measures and logs the final model
+            final: dict[str, float] = distributed.from_main({})  # rank 0's final metrics
+            return RunResult(final, checkpoint_dir / "final.pt", None, built.lineage)
         if cfg.test_on == "best":
             model.load_state_dict(read_state_dict(checkpoint_dir / "best.pt", "test_on"))
         model = method.finalize(model)
@@ -282,7 +307,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {job.out_dir}",
         flush=True,
     )
-    return RunResult(final, final_checkpoint, tracker.run_id, built.lineage)
+    return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
 
 
 def _input_example(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
@@ -291,22 +316,22 @@ def _input_example(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> np.n
     return inputs[:2].detach().cpu().float().numpy()
 
 
-def _resume_state(cfg: DictConfig, tracker: Tracker) -> tuple[dict | None, Path | None]:
-    """The training state that ``cfg.resume`` names, and its file; (None, None) to start afresh.
+def _resume_path(cfg: DictConfig, tracker: Tracker) -> Path | None:
+    """The training state file that ``cfg.resume`` names; None to start afresh.
 
     ``auto`` takes the newest KILLED or FAILED run with this config's hash, if any; a run id
     takes that run's checkpoint (its ``kdexp.checkpoint`` tag); anything else is a file path.
     """
     source = OmegaConf.select(cfg, "resume")
     if source is None:
-        return None, None
+        return None
     text = str(source)
     if text == "auto":
         run_id = tracker.find_resumable({"kdexp.config_hash": config_hash(cfg)})
         path = tracker.run_tag(run_id, "kdexp.checkpoint", "resume") if run_id else None
         if path is None or not Path(path).is_file():
             log.info("resume=auto: no stopped run of this config to carry on; starting afresh")
-            return None, None
+            return None
     elif re.fullmatch(r"[0-9a-f]{32}", text) and not Path(text).exists():
         path = tracker.run_tag(text, "kdexp.checkpoint", "resume")
         if path is None:
@@ -315,8 +340,7 @@ def _resume_state(cfg: DictConfig, tracker: Tracker) -> tuple[dict | None, Path 
             )
     else:
         path = text
-    file = Path(path).expanduser().resolve()
-    return read_training_state(file, "resume"), file
+    return Path(path).expanduser().resolve()
 
 
 def _resume_command(job: Job, run_id: str | None, checkpoint: Path | None) -> str:

@@ -18,6 +18,9 @@ has a non-null ``distill`` key (a distillation method's config, for example prun
 distilling) gets ``teacher=`` too. A method that starts from a trained model sets
 ``starts_from_trained = True``: with ``checkpoint: null`` the run then uses ``checkpoint=auto``
 (reuse, or train once, a baseline of the same model, dataset, schedule and seed).
+A method that cannot train alike on every rank of a torchrun job (it reads training batches to
+decide masks, changes the model's shapes, or trains nothing) sets ``supports_distributed = False``
+(:mod:`kdexp.distributed`).
 
 Three hooks let a method change how it starts (fine-tuning uses all three):
 ``method.start_config(cfg)`` names the config whose baseline ``checkpoint=auto`` (or null, for a
@@ -49,6 +52,8 @@ class Method(nn.Module):
 
     loss = CE(s, y), with the label smoothing set in the schedule.
     """
+
+    supports_distributed = True  # trains with DistributedDataParallel under torchrun
 
     def __init__(self, *, data: Data, criterion: nn.Module) -> None:
         super().__init__()

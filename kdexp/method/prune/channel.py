@@ -121,6 +121,8 @@ def _trace(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
 class Channel(Pruner):
     """Remove whole channels (filters) chosen by group importance; the model really shrinks."""
 
+    supports_distributed = False  # DistributedDataParallel cannot follow shrinking parameters
+
     def __init__(self, *, importance: str = "l1", **kwargs: Any) -> None:
         if importance not in IMPORTANCES:
             raise ConfigError("method.importance", importance, "one of " + ", ".join(IMPORTANCES))

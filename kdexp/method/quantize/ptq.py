@@ -42,6 +42,7 @@ class _PostTraining(QuantMethod):
     """Freeze in ``prepare``; the loop's one epoch leaves the model as it was."""
 
     loop_epochs = 1
+    supports_distributed = False  # nothing to train in parallel; calibration wants every batch
 
     def __init__(self, *, data: Data, criterion: nn.Module) -> None:
         super().__init__(data=data, criterion=criterion)
