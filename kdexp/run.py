@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 import kdexp
@@ -37,7 +37,7 @@ from kdexp.train import LoopOptions, evaluate, fit
 
 log = logging.getLogger(__name__)
 
-#: Metrics every run logs at its end; ``objective`` must name one of them.
+#: Metrics every run logs at its end; ``objective`` names one of them, or a list of them.
 FINAL_METRICS = (
     "best/val_acc1",
     "best/epoch",
@@ -72,19 +72,23 @@ class RunResult:
     run_id: str | None
 
 
-def run(cfg: DictConfig) -> float:
-    """The Hydra job: execute the composed config and return the value of ``cfg.objective``."""
+def run(cfg: DictConfig) -> float | list[float]:
+    """The Hydra job: execute the composed config and return the value of ``cfg.objective``.
+
+    A list of metric names (a multi-objective sweep) returns the list of their values, in order.
+    """
     if "hydra" in cfg:  # composed with return_hydra_config (tests); a job never sees it
         cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
     result = execute(cfg, Job(group_names(cfg), _output_dir(), _hydra_tags()))
-    return float(result.metrics[cfg.objective])
+    if isinstance(cfg.objective, str):
+        return float(result.metrics[cfg.objective])
+    return [float(result.metrics[name]) for name in cfg.objective]
 
 
 def execute(cfg: DictConfig, job: Job) -> RunResult:
     """Seed, build, train, evaluate and log one run of ``cfg``."""
     validate(cfg)
-    if cfg.objective not in FINAL_METRICS:
-        raise ConfigError("objective", cfg.objective, "one of " + ", ".join(FINAL_METRICS))
+    _check_objective(cfg.objective)
     method_class = get_class(cfg.method._target_)
     uses_teacher = getattr(method_class, "uses_teacher", False) or (
         OmegaConf.select(cfg, "method.distill") is not None
@@ -206,6 +210,16 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         flush=True,
     )
     return RunResult(final, final_checkpoint, tracker.run_id)
+
+
+def _check_objective(objective: object) -> None:
+    """``objective`` names one final metric, or is a non-empty list of distinct ones."""
+    many = isinstance(objective, ListConfig | list)
+    names = list(objective) if isinstance(objective, ListConfig | list) else [objective]
+    # Membership first: by the time set() hashes the names, they are all strings.
+    if not names or any(n not in FINAL_METRICS for n in names) or len(set(names)) < len(names):
+        accepted = "one of " + ", ".join(FINAL_METRICS) + ", or a list of distinct ones"
+        raise ConfigError("objective", names if many else objective, accepted)
 
 
 def _input_example(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
