@@ -204,11 +204,15 @@ def write_plots(rows: list[Row], folder: Path, accuracy: str = "test/acc1") -> l
     marked = fronts(usable, accuracy)
     fig, axes = plt.subplots(1, len(COSTS), figsize=(5.5 * len(COSTS), 5))
     for ax, (xlabel, name, cost) in zip(axes, COSTS, strict=True):
+        xs = []
         for row in usable:
             x = cost(row)
             if x is not None:
+                xs.append(x)
                 ax.scatter(x, row.mean[accuracy])
                 ax.annotate(row.label, (x, row.mean[accuracy]), fontsize=7)
+        if name in ("params", "size_bytes") and xs and min(xs) > 0 and max(xs) > 20 * min(xs):
+            ax.set_xscale("log")  # a search's students span orders of magnitude in size
         front = marked[name]
         if front:
             xs, ys = [x for _, x in front], [row.mean[accuracy] for row, _ in front]
