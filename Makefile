@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,sweep]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,sweep,onnx]"
 	touch $(STAMP)
 
 run: $(STAMP)

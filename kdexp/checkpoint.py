@@ -4,7 +4,7 @@ unpickling, so a checkpoint crafted to run code is refused."""
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +72,46 @@ def read_training_state(path: str | Path, key: str = "resume") -> dict[str, Any]
     return state
 
 
-def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
+def quantized_kind(state: Mapping[str, object]) -> str | None:
+    """What quantized model ``state`` is the state_dict of, or None for a float model.
+
+    torch.ao int8 models hold quantized tensors or ``_packed_params`` entries; the low-bit models
+    of ``quantize/qat`` hold uint8 ``packed`` weights (:mod:`kdexp.method.quantize.packed`).
+    """
+    for name, value in state.items():
+        if name.endswith("._packed_params") or (
+            isinstance(value, torch.Tensor) and value.is_quantized
+        ):
+            return "an int8 model"
+    for name, value in state.items():
+        if name.endswith(".packed") and isinstance(value, torch.Tensor):
+            if value.dtype == torch.uint8:
+                return "a model with packed low-bit weights"
+    return None
+
+
+def read_state_dict(
+    path: str | Path, key: str, *, quantized: bool = False
+) -> dict[str, torch.Tensor]:
     """The state_dict in ``path``: a plain state_dict or a kdexp checkpoint (its ``model`` entry).
 
-    ``key`` is the config key that named the file, for the error message.
+    ``key`` is the config key that named the file, for the error message. The final model of a
+    quantization run is refused with a message saying so, unless ``quantized`` is true (for
+    :func:`kdexp.method.quantize.load_packed`).
     """
     state = _load(path, key, "checkpoint")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    kind = quantized_kind(state) if isinstance(state, dict) and not quantized else None
+    if kind is not None:
+        raise ConfigError(
+            key,
+            str(path),
+            f"the weights of a float model; this file holds {kind} (the final model of a "
+            "quantize/... run), which can be neither trained further nor used as a teacher: "
+            "give the checkpoint of the run before quantization (its run id or its "
+            "checkpoints/final.pt)",
+        )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(key, str(path), "a state_dict (a mapping of names to tensors)")
     return state

@@ -31,7 +31,10 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     from kdexp.run import run  # imported here so that `kdexp --help` stays fast
 
     try:
-        return run(cfg)
+        objective = run(cfg)
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0's output folder has it all
+            _remove_job_files()
+        return objective
     except Interrupted as stop:
         print(
             f"kdexp: {stop}; checkpoint in {stop.checkpoint}\nkdexp: resume with: {stop.command}",

@@ -39,6 +39,8 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg, "amp", (None, "bf16", "fp16"))
     _one_of(cfg, "test_on", ("best", "last"))
     _one_of(cfg, "on_nonfinite", ("stop", "skip"))
+    _one_of(cfg, "reuse", ("auto", "never"))
+    _one_of(cfg, "skip_finished", (False, True))
     if OmegaConf.select(cfg, "checkpoint_every_steps") is not None:
         _positive(cfg, "checkpoint_every_steps", int)
     resolve_device(cfg.device)
@@ -126,10 +128,14 @@ EXECUTION_KEYS = (
     "hydra",
     "resume",
     "checkpoint_every_steps",
+    "reuse",
+    "skip_finished",
+    "export_onnx",
 )
 
 
-def _digest(kept: dict) -> str:
+def digest(kept: dict) -> str:
+    """A short, stable hash of a JSON-serialisable mapping (sorted keys)."""
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -138,7 +144,7 @@ def config_hash(cfg: DictConfig) -> str:
     """A short, stable hash of everything in ``cfg`` that determines the trained model."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
-    return _digest({k: v for k, v in resolved.items() if k not in EXECUTION_KEYS})
+    return digest({k: v for k, v in resolved.items() if k not in EXECUTION_KEYS})
 
 
 def pretrain_key(cfg: DictConfig) -> str:
@@ -148,4 +154,4 @@ def pretrain_key(cfg: DictConfig) -> str:
     """
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
-    return _digest({k: resolved[k] for k in ("model", "dataset", "seed")})
+    return digest({k: resolved[k] for k in ("model", "dataset", "seed")})

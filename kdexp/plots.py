@@ -25,3 +25,22 @@ def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def accuracy_against_size(
+    labels: list[str], sizes: list[float], accuracies: list[float], path: Path
+) -> Path:
+    """Test accuracy against model size (bytes, log scale), one labelled point per stage, joined
+    in order: how a compression pipeline trades accuracy for size."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(sizes, accuracies, marker="o", color="tab:blue")
+    for label, size, accuracy in zip(labels, sizes, accuracies, strict=True):
+        ax.annotate(label, (size, accuracy), textcoords="offset points", xytext=(5, 5))
+    ax.set(xlabel="model size (bytes)", ylabel="test/acc1 (%)", title="accuracy against size")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

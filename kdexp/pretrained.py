@@ -6,23 +6,38 @@ from a trained model) name their weights the same way:
 - a path to a state_dict or kdexp checkpoint;
 - an MLflow run id, or ``runs:/<run id>[/<artifact path>]``: the run's ``checkpoints/final.pt``
   (or ``best.pt``) is downloaded;
-- ``auto``: the newest FINISHED baseline run trained from scratch with the same model config,
-  dataset config and seed (its ``kdexp.pretrain_key`` tag). When there is none, kdexp trains that
-  baseline first, as a run of its own with ``pretrain_schedule`` (or, when that is not set, this
-  run's schedule), and every later run with the same
-  key reuses it: a sweep over ten students trains its teacher once. A file lock keeps parallel
-  jobs from training it twice.
+- ``auto``: a FINISHED baseline run of the same model config, dataset config and seed, trained
+  from scratch. With ``schedule@pretrain_schedule=...`` set, the baseline's whole config must
+  match (its lineage, :mod:`kdexp.lineage`), schedule included; without it any schedule will do
+  (the ``kdexp.pretrain_key`` tag: model, dataset, seed), so that a sweep over a student's
+  schedule shares one teacher. When there is none, kdexp trains that baseline first, as a run of
+  its own with ``pretrain_schedule`` (or, when that is not set, this run's schedule). A file lock
+  keeps parallel jobs from training it twice. ``reuse=never`` trains it again regardless.
+
+Every source comes with its lineage: the key of the run that trained the weights, or the SHA-256
+of the file they were read from.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdexp.config import pretrain_key
+from kdexp.lineage import LINEAGE_TAG, file_key
 from kdexp.tracking.base import Tracker
+
+if TYPE_CHECKING:
+    from kdexp.run import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +64,15 @@ def baseline_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
     return sub
 
 
+@dataclass
+class Weights:
+    """Trained weights: the local file, their lineage, and the run that trained them (if any)."""
+
+    path: Path
+    lineage: str
+    run_id: str | None = None
+
+
 def resolve(
     source: str,
     *,
@@ -58,24 +82,71 @@ def resolve(
     cfg: DictConfig,
     tracker: Tracker,
     out_dir: Path,
-) -> Path:
-    """A local checkpoint file holding trained weights for ``model_cfg``, named by ``source``.
+) -> Weights:
+    """The trained weights for ``model_cfg`` that ``source`` names, as a local file.
 
     ``names`` (method, model, dataset) name the baseline run when one has to be trained.
     """
     if source != "auto":
-        if Path(source).expanduser().is_file():
-            return Path(source).expanduser()
-        return tracker.fetch(source, CHECKPOINT_ARTIFACTS, out_dir / "inputs", key)
+        file = Path(source).expanduser()
+        if file.is_file():
+            return Weights(file, file_key(file))
+        return _from_run(tracker, source, out_dir / "inputs", key)
+    from kdexp.run import Job, execute  # run.py imports this module
+
     sub = baseline_config(cfg, model_cfg)
+    job = Job(names, out_dir / key, {"kdexp.trained_for": key})
+    reuse = OmegaConf.select(cfg, "reuse", default="auto") == "auto"
+    if "pretrain_schedule" in cfg:  # the schedule is given: the whole config must match
+        result = _isolated_rng(lambda: execute(sub, job, reuse_finished=reuse))
+        if result.reused:
+            log.info("%s: reusing run %s (lineage %s)", key, result.run_id, result.lineage)
+        return _weights(tracker, result, out_dir / "inputs", key)
     digest = pretrain_key(sub)
     with tracker.lock(digest):
-        found = tracker.find_finished({"kdexp.pretrain_key": digest})
+        found = tracker.find_finished({"kdexp.pretrain_key": digest}) if reuse else None
         if found is not None:
             log.info("%s: reusing run %s (pretrain key %s)", key, found, digest)
-            return tracker.fetch(found, CHECKPOINT_ARTIFACTS, out_dir / "inputs" / found, key)
+            return _from_run(tracker, found, out_dir / "inputs" / found, key)
         log.info("%s: no finished run has pretrain key %s; training it first", key, digest)
-        from kdexp.run import Job, execute  # run.py imports this module
+        result = _isolated_rng(lambda: execute(sub, job))
+        return _weights(tracker, result, out_dir / "inputs", key)
 
-        result = execute(sub, Job(names, out_dir / key, {"kdexp.trained_for": key}))
-        return result.final_checkpoint
+
+def _from_run(tracker: Tracker, source: str, destination: Path, key: str) -> Weights:
+    """The final (or best) checkpoint of run ``source`` (an id or ``runs:/``), with its lineage.
+
+    The run's lineage tag names its final model; any other file is known by its bytes.
+    """
+    path = tracker.fetch(source, CHECKPOINT_ARTIFACTS, destination, key)
+    run_id, _, inner = source.removeprefix("runs:/").partition("/")
+    lineage = None
+    if path.name == "final.pt" and inner in ("", CHECKPOINT_ARTIFACTS[0]):
+        lineage = tracker.run_tag(run_id, LINEAGE_TAG, key)
+    return Weights(path, lineage or file_key(path), run_id)
+
+
+def _weights(tracker: Tracker, result: RunResult, destination: Path, key: str) -> Weights:
+    if result.final_checkpoint is not None:
+        return Weights(result.final_checkpoint, result.lineage, result.run_id)
+    assert result.run_id is not None  # a reused run
+    path = tracker.fetch(result.run_id, CHECKPOINT_ARTIFACTS, destination / result.run_id, key)
+    return Weights(path, result.lineage, result.run_id)
+
+
+def _isolated_rng(train: Callable[[], RunResult]) -> RunResult:
+    """Train an input in-process without moving the caller's random streams: a run whose teacher
+    was trained first and one that reused it draw the same numbers afterwards."""
+    with _saved_rng():
+        return train()
+
+
+@contextmanager
+def _saved_rng() -> Iterator[None]:
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)

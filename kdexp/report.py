@@ -252,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdexp-report", description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="kdexp", help="MLflow experiment name")
     parser.add_argument("--tracking-uri", default=None, help="default: outputs/mlflow.db here")
+    parser.add_argument("--sweep", default=None, help="only the jobs of this sweep id")
     parser.add_argument("--sweep-dir", default=None, help="only the jobs of this multirun folder")
     parser.add_argument("--filter", default="", help="an MLflow search filter string")
     parser.add_argument("--out", default=None, help="default: outputs/reports/<experiment>")
@@ -265,12 +266,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_uri()
     filters = [args.filter] if args.filter else []
+    if args.sweep:
+        filters.append(f"tags.sweep_id = '{args.sweep}'")
     if args.sweep_dir:
         filters.append(f"tags.sweep_dir = '{Path(args.sweep_dir).resolve()}'")
     try:
-        runs = load_runs(
-            uri, args.experiment, " and ".join(filters), histories=("val/acc1", "sparsity/global")
+        found = load_runs(
+            uri,
+            args.experiment,
+            " and ".join(filters),
+            histories=("val/acc1", "sparsity/global"),
+            statuses=("FINISHED", "FAILED"),
         )
+        # A sweep's parent run (FAILED when a job failed) holds its job table, not results.
+        runs = [r for r in found if r.tags.get("kdexp.role") != "sweep" and r.status == "FINISHED"]
+        parents = [r.run_id for r in found if r.tags.get("kdexp.role") == "sweep"]
         if not runs:
             raise ConfigError(
                 "--filter", " and ".join(filters), "a filter that FINISHED runs match"
@@ -282,10 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(args.out or Path("outputs", "reports", args.experiment))
     paths = write_tables(rows, folder) + write_plots(rows, folder, args.accuracy)
     paths.append(write_pareto(rows, folder, args.accuracy))
-    if args.log_to:
-        log_report(uri, args.log_to, paths)
+    # Logged to the sweep's parent run by default when the report is of one sweep.
+    log_to = args.log_to or (parents[0] if len(parents) == 1 else None)
+    if log_to:
+        log_report(uri, log_to, paths)
     print((folder / "comparison.md").read_text())
     print(f"kdexp-report: {len(runs)} runs, {len(rows)} configurations; written to {folder}")
+    if log_to:
+        print(f"kdexp-report: logged to run {log_to}")
     return 0
 
 

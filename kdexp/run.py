@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,14 +23,22 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 import kdexp
+from kdexp import distributed
 from kdexp.checkpoint import load_weights, read_state_dict, read_training_state, save_checkpoint
 from kdexp.config import config_hash, flatten, pretrain_key, resolve_device, validate
+from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
+from kdexp.export import check_config as check_export
+from kdexp.export import log_onnx
+from kdexp.lineage import LINEAGE_TAG, lineage_key
+from kdexp.method.base import Method
 from kdexp.method.baseline import Baseline
 from kdexp.plots import learning_curves
+from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted
 from kdexp.stats import model_stats
+from kdexp.sweep import parent_run, record_job, sweep_id
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
 from kdexp.train import LoopOptions, evaluate, fit
@@ -65,29 +73,90 @@ class Job:
 
 @dataclass
 class RunResult:
-    """What :func:`execute` leaves: the final metrics and the final model's checkpoint."""
+    """What :func:`execute` leaves: the final metrics, the final model's checkpoint and lineage.
+
+    ``final_checkpoint`` is None for a reused run (its ``checkpoints/final.pt`` artifact holds it).
+    """
 
     metrics: dict[str, float]
-    final_checkpoint: Path
+    final_checkpoint: Path | None
     run_id: str | None
+    lineage: str
+    reused: bool = False
+
+
+@dataclass
+class _Built:
+    """A run ready to train: everything :func:`execute` builds before the loop starts."""
+
+    tracker: Tracker
+    device: torch.device
+    data: Data
+    criterion: nn.Module
+    model: nn.Module
+    method: Method
+    lineage: str
 
 
 def run(cfg: DictConfig) -> float | list[float]:
     """The Hydra job: execute the composed config and return the value of ``cfg.objective``.
 
     A list of metric names (a multi-objective sweep) returns the list of their values, in order.
+    A config with a ``pipeline`` runs its stages in order (:mod:`kdexp.pipeline`).
     """
     if "hydra" in cfg:  # composed with return_hydra_config (tests); a job never sees it
         cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
-    result = execute(cfg, Job(group_names(cfg), _output_dir(), _hydra_tags()))
+    job = Job(group_names(cfg), _output_dir(), _hydra_tags())
+    with distributed.session(cfg.device):  # a no-op unless launched by torchrun
+        if OmegaConf.select(cfg, "pipeline") is not None:
+            from kdexp.pipeline import run_pipeline
+
+            result = run_pipeline(cfg, job)
+        else:
+            result = execute(cfg, job, reuse_finished=bool(cfg.get("skip_finished", False)))
+    objective: float | list[float]
     if isinstance(cfg.objective, str):
-        return float(result.metrics[cfg.objective])
-    return [float(result.metrics[name]) for name in cfg.objective]
+        objective = float(result.metrics[cfg.objective])
+    else:
+        objective = [float(result.metrics[name]) for name in cfg.objective]
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        overrides = list(HydraConfig.get().overrides.task)
+        record_job(job.out_dir, overrides, result.run_id, objective, result.reused)
+    return objective
 
 
-def execute(cfg: DictConfig, job: Job) -> RunResult:
-    """Seed, build, train, evaluate and log one run of ``cfg``."""
+def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResult:
+    """Seed, build, train, evaluate and log one run of ``cfg``.
+
+    With ``reuse_finished`` a FINISHED run with the same lineage (:mod:`kdexp.lineage`) is
+    returned instead, and nothing is trained; a lock keeps parallel jobs from training it twice.
+    """
+    built = _build(cfg, job)
+    if not reuse_finished:
+        return _train(cfg, job, built)
+    tracker = built.tracker  # under torchrun rank 0 decides, and tells the other ranks
+    with tracker.lock(built.lineage):
+        found = distributed.on_main(lambda: tracker.find_finished({LINEAGE_TAG: built.lineage}))
+        if found is None:
+            return _train(cfg, job, built)
+    metrics = distributed.on_main(lambda: tracker.run_metrics(found))
+    log.info("reusing FINISHED run %s (lineage %s): nothing to train", found, built.lineage)
+    print(
+        f"kdexp: reusing run {found}, FINISHED with the same config and inputs "
+        f"(lineage {built.lineage}): test/acc1 {metrics.get('test/acc1', float('nan')):.2f}%",
+        flush=True,
+    )
+    return RunResult(metrics, None, found, built.lineage, reused=True)
+
+
+def _build(cfg: DictConfig, job: Job) -> _Built:
+    """Check ``cfg``, load the data, build the model and method, and load the inputs' weights.
+
+    The inputs (a starting model, a teacher) are found, or trained first, here; their lineage and
+    the config give the run's lineage key.
+    """
     validate(cfg)
+    check_export(cfg)
     _check_objective(cfg.objective)
     method_class = get_class(cfg.method._target_)
     uses_teacher = getattr(method_class, "uses_teacher", False) or (
@@ -101,9 +170,19 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
             job.names.get("teacher", "set"),
             "only for distillation methods: pick method=distill/<name>, or drop model@teacher",
         )
-    device = resolve_device(cfg.device)
-    tracker = instantiate(cfg.tracking)
+    ddp = distributed.current()
+    if ddp and not getattr(method_class, "supports_distributed", True):
+        raise ConfigError(
+            "method",
+            job.names["method"],
+            "a method that trains alike on every rank under torchrun (its class sets "
+            "supports_distributed = False); run this one as a single process",
+        )
+    device = distributed.local_device(resolve_device(cfg.device))
+    # Under torchrun only rank 0 talks to MLflow; the others record nothing.
+    tracker = instantiate(cfg.tracking) if distributed.is_main() else Tracker()
     data = instantiate(cfg.dataset)(batch_size=cfg.schedule.batch_size, seed=cfg.seed)
+    data = distributed.shard(data, cfg.schedule.batch_size)  # each rank's slice of a batch
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.schedule.label_smoothing)
 
     seed_everything(cfg.seed, cfg.deterministic)
@@ -113,6 +192,7 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         runtime["teacher"] = instantiate(cfg.teacher)
     # The method checks its settings and layer names here, before any input is trained.
     method = instantiate(cfg.method)(data=data, criterion=criterion, **runtime)
+    inputs: dict[str, str] = {}
     if cfg.checkpoint is not None or getattr(method_class, "starts_from_trained", False):
         # checkpoint=auto (or null) trains or reuses a baseline of the method's start config:
         # this run's, or another dataset's for fine-tuning; None: the model brought its weights.
@@ -121,23 +201,35 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
             dataset = job.names["dataset"]
             if start.dataset != cfg.dataset:
                 dataset += "-source"
-            weights = _trained_weights(
-                start, job, tracker, "checkpoint", start.model, job.names["model"], dataset
+            weights = distributed.on_main(
+                lambda: _trained_weights(
+                    start, job, tracker, "checkpoint", start.model, job.names["model"], dataset
+                )
             )
-            method.load_start(model, weights, "checkpoint")
-    method.to(device)
-    model = method.prepare(model.to(device))
+            method.load_start(model, weights.path, "checkpoint")
+            inputs["checkpoint"] = weights.lineage
     if uses_teacher:
         name = job.names.get("teacher") or _target_name(cfg.teacher)
-        weights = _trained_weights(cfg, job, tracker, "teacher_checkpoint", cfg.teacher, name)
-        load_weights(runtime["teacher"], weights, "teacher_checkpoint")
+        weights = distributed.on_main(
+            lambda: _trained_weights(cfg, job, tracker, "teacher_checkpoint", cfg.teacher, name)
+        )
+        load_weights(runtime["teacher"], weights.path, "teacher_checkpoint")
+        inputs["teacher_checkpoint"] = weights.lineage
+    lineage = lineage_key(cfg, inputs)
+    return _Built(tracker, device, data, criterion, model, method, lineage)
+
+
+def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
+    """Train the built run in a tracked run of its own, evaluate the final model and log it."""
+    tracker, device, data, method = built.tracker, built.device, built.data, built.method
+    method.to(device)
+    model = method.prepare(built.model.to(device))
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # torch.compile of a Module returns an OptimizedModule, itself a Module.
     trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
-    params = method.param_groups(model, cfg.schedule.lr) or [
-        p for p in [*model.parameters(), *method.parameters()] if p.requires_grad
-    ]
+    trainable = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    params: list[Any] = method.param_groups(model, cfg.schedule.lr) or trainable
     optimizer = instantiate(cfg.schedule.optimizer)(params=params)
     # A method that does not train (post-training quantization) asks for fewer loop epochs; its
     # schedule config stays as composed, for the baseline that checkpoint=auto may train.
@@ -147,7 +239,8 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         epochs=epochs,
         steps_per_epoch=len(data.train),  # type: ignore[arg-type]
     )
-    state, resume_path = _resume_state(cfg, tracker)
+    resume_path = distributed.on_main(lambda: _resume_path(cfg, tracker))
+    state = read_training_state(resume_path, "resume") if resume_path else None
     # A resumed run keeps writing into the folder of the checkpoint it carries on from.
     checkpoint_dir = resume_path.parent if resume_path else job.out_dir / "checkpoints"
     options = LoopOptions(
@@ -157,14 +250,14 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         amp=cfg.amp,
         channels_last=cfg.channels_last and device.type == "cuda",
         log_every=cfg.log_every,
-        checkpoint_dir=checkpoint_dir,
+        checkpoint_dir=checkpoint_dir if distributed.is_main() else None,
         checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
         on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
     )
     names = {k: job.names[k] for k in ("method", "model", "dataset")}
     run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
-    tags = {**_tags(cfg, job.names, device), **job.tags}
-    if method_class is Baseline and cfg.checkpoint is None:  # reusable as a teacher or start
+    tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
+    if type(method) is Baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)
     tags["kdexp.checkpoint"] = str((checkpoint_dir / "last.pt").resolve())
     resume_id = state.get("run_id") or None if state else None
@@ -176,17 +269,24 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
         try:
-            result = fit(trained, method, data, optimizer, scheduler, tracker, options, state)
+            ddp = distributed.current() is not None
+            front = distributed.wrap(trained, method, data.train, device) if ddp else None
+            result = fit(
+                trained, method, data, optimizer, scheduler, tracker, options, state, front
+            )
         except Interrupted as stop:
             stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
             tracker.set_tags({"kdexp.resume": stop.command})
             raise
+        if not distributed.is_main():  # rank 0 alone tests, measures and logs the final model
+            final: dict[str, float] = distributed.from_main({})  # rank 0's final metrics
+            return RunResult(final, checkpoint_dir / "final.pt", None, built.lineage)
         if cfg.test_on == "best":
             model.load_state_dict(read_state_dict(checkpoint_dir / "best.pt", "test_on"))
         model = method.finalize(model)
         final_checkpoint = checkpoint_dir / "final.pt"
         save_checkpoint(final_checkpoint, model)
-        test = evaluate(model, data.test, device, criterion)
+        test = evaluate(model, data.test, device, built.criterion)
         final = {
             "best/val_acc1": result.best_val_acc1,
             "best/epoch": result.best_epoch,
@@ -200,6 +300,8 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         tracker.log_metrics(final, result.steps)
         tracker.flush()
         tracker.log_model(model, _input_example(data.test))
+        if OmegaConf.select(cfg, "export_onnx", default=False):
+            log_onnx(tracker, model, _input_example(data.test), job.out_dir, result.steps)
         _log_artifacts(tracker, cfg, job.out_dir, result.history)
         for path in method.write_artifacts(job.out_dir / "method"):
             tracker.log_artifact(path, "method")
@@ -209,7 +311,7 @@ def execute(cfg: DictConfig, job: Job) -> RunResult:
         f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {job.out_dir}",
         flush=True,
     )
-    return RunResult(final, final_checkpoint, tracker.run_id)
+    return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
 
 
 def _check_objective(objective: object) -> None:
@@ -228,22 +330,22 @@ def _input_example(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> np.n
     return inputs[:2].detach().cpu().float().numpy()
 
 
-def _resume_state(cfg: DictConfig, tracker: Tracker) -> tuple[dict | None, Path | None]:
-    """The training state that ``cfg.resume`` names, and its file; (None, None) to start afresh.
+def _resume_path(cfg: DictConfig, tracker: Tracker) -> Path | None:
+    """The training state file that ``cfg.resume`` names; None to start afresh.
 
     ``auto`` takes the newest KILLED or FAILED run with this config's hash, if any; a run id
     takes that run's checkpoint (its ``kdexp.checkpoint`` tag); anything else is a file path.
     """
     source = OmegaConf.select(cfg, "resume")
     if source is None:
-        return None, None
+        return None
     text = str(source)
     if text == "auto":
         run_id = tracker.find_resumable({"kdexp.config_hash": config_hash(cfg)})
         path = tracker.run_tag(run_id, "kdexp.checkpoint", "resume") if run_id else None
         if path is None or not Path(path).is_file():
             log.info("resume=auto: no stopped run of this config to carry on; starting afresh")
-            return None, None
+            return None
     elif re.fullmatch(r"[0-9a-f]{32}", text) and not Path(text).exists():
         path = tracker.run_tag(text, "kdexp.checkpoint", "resume")
         if path is None:
@@ -252,8 +354,7 @@ def _resume_state(cfg: DictConfig, tracker: Tracker) -> tuple[dict | None, Path 
             )
     else:
         path = text
-    file = Path(path).expanduser().resolve()
-    return read_training_state(file, "resume"), file
+    return Path(path).expanduser().resolve()
 
 
 def _resume_command(job: Job, run_id: str | None, checkpoint: Path | None) -> str:
@@ -271,7 +372,7 @@ def _trained_weights(
     model_cfg: DictConfig,
     name: str,
     dataset: str | None = None,
-) -> Path:
+) -> Weights:
     source = cfg[key] if cfg[key] is not None else "auto"
     names = {"method": "baseline", "model": name, "dataset": dataset or job.names["dataset"]}
     return resolve_trained(
@@ -347,14 +448,19 @@ def _tags(cfg: DictConfig, names: dict[str, str], device: torch.device) -> dict[
 
 
 def _hydra_tags() -> dict[str, str]:
-    """The command-line overrides and, in a multirun, the sweep folder and job number."""
+    """The command-line overrides and, in a multirun, the sweep (folder, id, parent run) and the
+    job's number."""
     if not HydraConfig.initialized():
         return {}
     hc = HydraConfig.get()
     tags = {"overrides": " ".join(hc.overrides.task) or "(none)"}
     if hc.mode == RunMode.MULTIRUN:
         tags["sweep_dir"] = str(Path(hc.sweep.dir).resolve())
+        tags["sweep_id"] = sweep_id(Path(hc.sweep.dir))
         tags["job_num"] = str(hc.job.num)
+        parent = parent_run(Path(hc.sweep.dir))
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent
     return tags
 
 

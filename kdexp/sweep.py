@@ -1,9 +1,19 @@
-"""Multiruns that survive failing jobs: each failure is recorded in its job folder, the sweep goes
-on, and at its end :class:`ReportFailedJobs` says which jobs failed and why."""
+"""Multiruns: every job records its outcome in its folder, a failing job does not stop the sweep,
+and at the end the sweep's jobs are listed (:func:`write_jobs_table`) and the failures reported
+(:class:`ReportFailedJobs`).
+
+Each job of a multirun carries the sweep's ``sweep_id`` tag and, when MLflow tracks it, the
+sweep's parent run as ``mlflow.parentRunId`` (:class:`kdexp.tracking.callback.SweepRun` opens
+that run before the jobs start and writes its id to ``<sweep dir>/sweep_run.json``).
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +25,107 @@ except ImportError:  # pragma: no cover - hydra < 1.1
     Callback = object  # type: ignore[misc,assignment]
 
 FAILURE_FILE = "failed.txt"
+JOB_FILE = "job.json"
+SWEEP_FILE = "sweep_run.json"
+
+
+def sweep_id(sweep_dir: Path) -> str:
+    """The sweep's id: its folder's last two parts (``<date>_<time>`` for the default folders)."""
+    return "_".join(Path(sweep_dir).resolve().parts[-2:])
+
+
+def parent_run(sweep_dir: Path) -> str | None:
+    """The id of the sweep's parent run, if one was opened for it."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def record_job(
+    job_dir: Path,
+    overrides: list[str],
+    run_id: str | None,
+    objective: float | list[float],
+    reused: bool,
+) -> None:
+    """Write a finished job's outcome to ``<job dir>/job.json`` for the sweep's table.
+
+    ``objective`` is one value, or a list of them for a multi-objective sweep.
+    """
+    job_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "overrides": " ".join(overrides),
+        "status": "REUSED" if reused else "FINISHED",
+        "run_id": run_id,
+        "objective": (
+            [_finite(v) for v in objective] if isinstance(objective, list) else _finite(objective)
+        ),
+    }
+    (job_dir / JOB_FILE).write_text(json.dumps(record))
+
+
+@dataclass
+class JobRow:
+    """One job of a sweep as its table shows it."""
+
+    job: str
+    overrides: str
+    status: str
+    objective: float | list[float | None] | None
+    run_id: str
+    message: str
+
+
+def jobs(sweep_dir: Path) -> list[JobRow]:
+    """Every job of a sweep that finished, was reused or failed, in job order."""
+    rows = []
+    for folder in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir()), key=_job_order):
+        if (folder / JOB_FILE).is_file():
+            record = json.loads((folder / JOB_FILE).read_text())
+            rows.append(
+                JobRow(
+                    folder.name,
+                    record["overrides"],
+                    record["status"],
+                    record["objective"],
+                    record["run_id"] or "",
+                    "",
+                )
+            )
+        elif (folder / FAILURE_FILE).is_file():
+            overrides, _, message = (folder / FAILURE_FILE).read_text().partition("\n")
+            rows.append(JobRow(folder.name, overrides, "FAILED", None, "", message.strip()))
+    return rows
+
+
+def _values(objective: float | list[float | None] | None, count: int) -> list[str]:
+    """``count`` table cells for a job's objective value(s); empty where there is none."""
+    values = objective if isinstance(objective, list) else [objective]
+    cells = ["" if v is None else f"{v:.6g}" for v in values]
+    return cells + [""] * (count - len(cells))
+
+
+def write_jobs_table(rows: list[JobRow], folder: Path, objective: str | list[str]) -> list[Path]:
+    """``sweep_jobs.csv`` and ``sweep_jobs.md``: one row per job (overrides, status, objective,
+    one column per metric when ``objective`` lists several)."""
+    names = objective if isinstance(objective, list) else [objective]
+    header = ["job", "overrides", "status", *names, "run", "error"]
+    cells = [
+        [r.job, r.overrides, r.status, *_values(r.objective, len(names)), r.run_id, r.message]
+        for r in rows
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    table = folder / "sweep_jobs.csv"
+    with open(table, "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *cells])
+    markdown = folder / "sweep_jobs.md"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    markdown.write_text("\n".join(lines) + "\n")
+    return [table, markdown]
 
 
 def record_failure(job_dir: Path, overrides: list[str], message: str) -> None:

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
+from kdexp import distributed
 from kdexp.checkpoint import save_checkpoint
 from kdexp.dataset.base import Batch, Data
 from kdexp.method.base import Method
@@ -77,7 +78,7 @@ _LINE_EVERY_S = 30.0  # where output is not a terminal, a progress line at most 
 
 def _progress(loader: Iterable[Batch], epoch: int, epochs: int) -> Iterable[Batch]:
     """A progress bar on a terminal; elsewhere (CI, cluster logs) the loader itself."""
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and distributed.is_main():
         return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
     return loader
 
@@ -91,6 +92,7 @@ def fit(
     tracker: Tracker,
     options: LoopOptions,
     resume: dict[str, Any] | None = None,
+    train_module: nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` for ``options.epochs`` epochs; log per step and per epoch.
 
@@ -103,7 +105,12 @@ def fit(
     ``checkpoint_dir/last.pt`` receives the full training state (:mod:`kdexp.resume`) after each
     epoch, every ``checkpoint_every_steps`` steps and on SIGINT/SIGTERM, which then raise
     :class:`~kdexp.resume.Interrupted`. ``resume`` is such a state to carry on from.
+
+    ``train_module`` runs the training forward passes instead of ``model`` (the
+    DistributedDataParallel wrapper of :mod:`kdexp.distributed`); metrics are then reduced across
+    ranks, and evaluation and checkpoints use the plain ``model``.
     """
+    forward = train_module or model
     device, result = options.device, FitResult()
     scaler = torch.amp.GradScaler("cuda", enabled=options.amp == "fp16" and device.type == "cuda")
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -124,11 +131,12 @@ def fit(
             for batch in _progress(saver.batches(at), epoch, options.epochs):
                 inputs, targets = _to_device(batch, device, options.channels_last)
                 with _autocast(device, options.amp):
-                    logits = model(inputs)
+                    logits = forward(inputs)
                     terms = method.loss(inputs, targets, logits)
                     loss: Tensor = sum(terms.values())  # type: ignore[assignment]
                 optimizer.zero_grad(set_to_none=True)
                 finite = bool(torch.isfinite(loss))  # one host-device sync per step
+                finite = distributed.all_ranks(finite, device)  # every rank skips, or none
                 if not finite and options.on_nonfinite == "stop":
                     raise FloatingPointError(_diverged(loss, terms, at.step))
                 if finite:
@@ -138,7 +146,7 @@ def fit(
                         nn.utils.clip_grad_norm_(params, options.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
-                    at.add(logits, targets, terms)
+                    at.add(logits, targets, distributed.batch_terms(terms, data.train))
                 else:  # on_nonfinite="skip": no update, and the batch counts in no mean
                     at.skipped, at.epoch_skipped = at.skipped + 1, at.epoch_skipped + 1
                 scheduler.step()
@@ -149,6 +157,7 @@ def fit(
                         "train/lr": optimizer.param_groups[0]["lr"],
                     }
                     metrics.update({f"train/loss_{k}": v.item() for k, v in terms.items()})
+                    metrics = distributed.batch_metrics(metrics, data.train, device)
                     tracker.log_metrics({**metrics, **extra}, at.step)
                     _check_finite(metrics, at.step)
                     if not terminal and time.monotonic() - last_line >= _LINE_EVERY_S:
@@ -171,12 +180,13 @@ def fit(
 
             val = evaluate(model, data.val, device, method.criterion, options.channels_last)
             batches = max(1, at.batch - at.epoch_skipped)
-            means = {f"train/epoch_loss_{k}": v.item() / batches for k, v in at.term_sums.items()}
+            correct, seen, term_sums = distributed.epoch_totals(at.correct, at.seen, at.term_sums)
+            means = {f"train/epoch_loss_{k}": v / batches for k, v in term_sums.items()}
             metrics = {
                 "epoch": epoch,
                 "train/epoch_loss": sum(means.values()),
                 **means,
-                "train/acc1": 100.0 * float(at.correct) / max(1, at.seen),
+                "train/acc1": 100.0 * correct / max(1, seen),
                 "val/loss": val["loss"],
                 "val/acc1": val["acc1"],
                 "val/acc5": val["acc5"],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -103,6 +104,14 @@ def _sweep(tmp_path: Path, args: list[str]):
     return done, sweeps[0]
 
 
+def _runs_and_parent(tmp_path: Path) -> tuple[list[Run], Run]:
+    """The jobs' runs (and any teacher trained for them), and the sweep's parent run."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    (parent,) = (r for r in found if r.data.tags.get("kdexp.role") == "sweep")
+    return [r for r in found if r is not parent], parent
+
+
 TINY = [
     "hydra.sweeper.n_trials=4",
     "hydra.sweeper.sampler.population_size=4",
@@ -120,9 +129,7 @@ def test_four_trial_search_on_digits(tmp_path: Path) -> None:
     space += ["hydra.sweeper.sampler.seed=5", "teacher.hidden=[128]"]
     done, sweep = _sweep(tmp_path, [*TINY, *space])
     assert done.returncode == 0, done.stderr
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("test")
-    runs = client.search_runs([experiment.experiment_id])
+    runs, parent = _runs_and_parent(tmp_path)
 
     # One teacher baseline, trained by the first trial; the other three fetched it from MLflow.
     teachers = [r for r in runs if r.data.tags["method"] == "baseline"]
@@ -137,6 +144,7 @@ def test_four_trial_search_on_digits(tmp_path: Path) -> None:
     assert sorted(r.data.tags["job_num"] for r in students) == ["0", "1", "2", "3"]
     assert {r.info.status for r in students} == {"FINISHED"}
     assert {r.data.tags["sweep_dir"] for r in students} == {str(sweep.resolve())}
+    assert {r.data.tags["mlflow.parentRunId"] for r in students} == {parent.info.run_id}
     shapes = {
         r.info.run_id: (int(r.data.params["model.width"]), int(r.data.params["model.depth"]))
         for r in students
@@ -148,6 +156,13 @@ def test_four_trial_search_on_digits(tmp_path: Path) -> None:
         assert student.data.metrics["model/params"] == _linear_params([64, *[width] * depth, 10])
         values[student.info.run_id] = tuple(student.data.metrics[m] for m in OBJECTIVE)
     assert max(acc for acc, _ in values.values()) >= 80.0
+
+    # The sweep's table of jobs has one column per objective, as the jobs returned them.
+    table = {row["run"]: row for row in csv.DictReader((sweep / "sweep_jobs.csv").open())}
+    assert set(table) == set(values)
+    for run_id, (accuracy, params) in values.items():
+        assert float(table[run_id]["best/val_acc1"]) == pytest.approx(accuracy, rel=1e-5)
+        assert float(table[run_id]["model/params"]) == params
 
     # The front computed here from MLflow's metrics is the sweeper's Pareto front.
     front = {i for i, v in values.items() if not _dominated(v, list(values.values()))}
@@ -190,8 +205,8 @@ def test_failed_trials_are_optuna_failures_and_the_search_goes_on(
     failed = {n for n, p in jobs.items() if (p / "failed.txt").is_file()}
     assert failed and failed != set(jobs)  # the seeded sampler draws both widths
     assert f"kdexp: {len(failed)} job(s) of the sweep failed:" in done.stderr
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    runs, parent = _runs_and_parent(tmp_path)
+    assert parent.info.status == "FAILED"  # a job failed
     assert sorted(r.data.tags["job_num"] for r in runs) == sorted(set(jobs) - failed)
     assert {r.data.params["model.width"] for r in runs} == {"16"}
     results = OmegaConf.load(sweep / "optimization_results.yaml")

@@ -323,3 +323,27 @@ def test_qat_4bit_run_logs_to_mlflow(tmp_path: Path) -> None:
     table = Path(client.download_artifacts(run_id, "method/quant_error.csv", str(tmp_path)))
     lines = table.read_text().splitlines()
     assert lines[0].startswith("layer,bits,numel,mse") and len(lines) == 1 + 3  # MLP: 3 layers
+
+
+def test_qat_keeps_pruned_zeros_while_training() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    with torch.no_grad():
+        model[1].weight[:, ::2] = 0.0  # half the first layer pruned
+    zeros = model[1].weight == 0
+    data = digits(batch_size=32, seed=0)
+    method = QAT(data=data, criterion=CE, bits=4, keep_first_last_8bit=False)
+    prepared = method.prepare(model)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.5)
+    for step, (x, y) in zip(range(3), data.train, strict=False):
+        optimizer.zero_grad()
+        sum(method.loss(x, y, prepared(x)).values()).backward()
+        optimizer.step()
+        method.after_step(step)
+    weight = prepared[1].weight
+    assert bool((weight[zeros] == 0).all()) and bool((weight[~zeros] != 0).all())
+    assert not hasattr(prepared[3], "sparsity_mask")  # the dense classifier is left alone
+    off = QAT(data=data, criterion=CE, bits=4, keep_sparsity=False)
+    fresh = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    fresh[1].weight.data[:, ::2] = 0.0
+    assert not any(hasattr(m, "sparsity_mask") for m in off.prepare(fresh).modules())

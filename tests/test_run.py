@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -30,10 +31,12 @@ FINAL_METRICS = [
 ]
 
 
-def _runs(db: Path, experiment: str = "kdexp") -> list:
+def _runs(db: Path, experiment: str = "kdexp", parents: bool = False) -> list:
+    """The runs of ``experiment``: the jobs', and with ``parents`` the sweeps' parent runs too."""
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     found = client.get_experiment_by_name(experiment)
-    return [] if found is None else client.search_runs([found.experiment_id])
+    runs = [] if found is None else client.search_runs([found.experiment_id])
+    return [r for r in runs if parents or r.data.tags.get("kdexp.role") != "sweep"]
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -215,16 +218,41 @@ def test_unknown_group_option_lists_the_choices(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_failing_jobs_do_not_stop_a_sweep_and_are_listed_at_its_end(tmp_path: Path) -> None:
     args = ["-m", "method=baseline", "dataset=synthetic", "schedule.epochs=1", "latency_repeats=1"]
-    args += ["schedule.lr=1e30,0.05,0"]  # diverges; trains; refused before it starts
+    args += ["schedule.lr=1e30,0.05,0.1,0"]  # diverges; trains; trains; refused before it starts
     done = run_cli(args + tracking_overrides(tmp_path), cwd=tmp_path)
     assert done.returncode == 1
     assert "kdexp: 2 job(s) of the sweep failed:" in done.stderr
     diverged = r"#0 .*schedule.lr=1e\+30 .*: FloatingPointError: train/loss is nan"
     assert re.search(diverged, done.stderr)
-    assert re.search(r"#2 .*schedule.lr=0 .*: schedule.lr=0: a positive number", done.stderr)
+    assert re.search(r"#3 .*schedule.lr=0 .*: schedule.lr=0: a positive number", done.stderr)
     assert "Traceback" not in done.stderr
-    runs = _runs(tmp_path / "mlflow.db", "test")
-    assert sorted((r.data.tags["job_num"], r.info.status) for r in runs) == [
+    assert "kdexp: sweep of 4 jobs: 2 finished, 0 reused, 2 failed" in done.stdout
+    runs = _runs(tmp_path / "mlflow.db", "test", parents=True)
+    (parent,) = (r for r in runs if r.data.tags.get("kdexp.role") == "sweep")
+    jobs = [r for r in runs if r is not parent]
+    assert sorted((r.data.tags["job_num"], r.info.status) for r in jobs) == [
         ("0", "FAILED"),
         ("1", "FINISHED"),
+        ("2", "FINISHED"),
     ]
+    # The sweep's parent run: every job carries its sweep_id and nests under it; it lists them.
+    assert parent.info.status == "FAILED"  # a job failed
+    for r in jobs:
+        assert r.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.metrics["sweep/jobs"] == 4 and parent.data.metrics["sweep/failed"] == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    table = Path(client.download_artifacts(parent.info.run_id, "sweep/sweep_jobs.csv"))
+    rows = list(csv.DictReader(table.open()))
+    assert [(row["job"], row["status"]) for row in rows] == [
+        ("0", "FAILED"),
+        ("1", "FINISHED"),
+        ("2", "FINISHED"),
+        ("3", "FAILED"),
+    ]
+    by_id = {r.info.run_id: r for r in jobs}
+    for row in rows[1:3]:
+        run = by_id[row["run"]]
+        assert "schedule.lr=" + run.data.params["schedule.lr"] in row["overrides"]
+        assert float(row["best/val_acc1"]) == pytest.approx(run.data.metrics["best/val_acc1"])
+    assert "a positive number" in rows[3]["error"]

@@ -295,6 +295,7 @@ def test_transfer_digits_runs_source_finetune_and_scratch_side_by_side(tmp_path:
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(tracking_overrides(tmp_path)[0].split("=", 1)[1])
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    runs = [r for r in runs if r.data.tags.get("kdexp.role") != "sweep"]  # the sweep's parent
     by_role = {
         (r.data.tags["method"], r.data.tags["dataset"]): r for r in runs
     }  # the source baseline is named digits-source

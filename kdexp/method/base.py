@@ -18,6 +18,9 @@ has a non-null ``distill`` key (a distillation method's config, for example prun
 distilling) gets ``teacher=`` too. A method that starts from a trained model sets
 ``starts_from_trained = True``: with ``checkpoint: null`` the run then uses ``checkpoint=auto``
 (reuse, or train once, a baseline of the same model, dataset, schedule and seed).
+A method that cannot train alike on every rank of a torchrun job (it reads training batches to
+decide masks, changes the model's shapes, or trains nothing) sets ``supports_distributed = False``
+(:mod:`kdexp.distributed`).
 
 Three hooks let a method change how it starts (fine-tuning uses all three):
 ``method.start_config(cfg)`` names the config whose baseline ``checkpoint=auto`` (or null, for a
@@ -40,7 +43,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from kdexp.checkpoint import load_weights
+from kdexp.checkpoint import load_weights, read_state_dict
 from kdexp.dataset.base import Data
 
 
@@ -50,10 +53,20 @@ class Method(nn.Module):
     loss = CE(s, y), with the label smoothing set in the schedule.
     """
 
+    supports_distributed = True  # trains with DistributedDataParallel under torchrun
+
     def __init__(self, *, data: Data, criterion: nn.Module) -> None:
         super().__init__()
         self.data = data
         self.criterion = criterion
+
+    @classmethod
+    def onnx_unsupported(cls, cfg: DictConfig) -> str | None:
+        """Why ``export_onnx`` cannot export the final model of method config ``cfg``, or None.
+
+        Checked before training; a method whose final model torch.onnx cannot export overrides it.
+        """
+        return None
 
     def start_config(self, cfg: DictConfig) -> DictConfig | None:
         """The run config whose baseline ``checkpoint=auto`` trains or reuses: ``cfg`` itself.
@@ -63,7 +76,14 @@ class Method(nn.Module):
         return cfg
 
     def load_start(self, model: nn.Module, path: Path, key: str) -> None:
-        """Load the starting weights in ``path`` (named by config key ``key``) into ``model``."""
+        """Load the starting weights in ``path`` (named by config key ``key``) into ``model``.
+
+        A channel-pruned checkpoint of this model (the same entries, narrower channels) first
+        shrinks ``model``, in place, to its widths; any other misfit is a ConfigError.
+        """
+        from kdexp.method.prune.channel import shrink_to_fit  # it imports this module
+
+        shrink_to_fit(model, read_state_dict(path, key), self.data.input_shape)
         load_weights(model, path, key)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:

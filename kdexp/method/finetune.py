@@ -122,10 +122,16 @@ class Finetune(Method):
         return sub
 
     def load_start(self, model: nn.Module, path: Path, key: str) -> None:
-        """Load every tensor of ``path`` except the classifier head's; any other misfit fails."""
+        """Load every tensor of ``path`` except the classifier head's; any other misfit fails.
+
+        A channel-pruned source first shrinks ``model`` to its widths (the head's inputs too).
+        """
+        from kdexp.method.prune.channel import shrink_to_fit  # it imports kdexp.method.base
+
         head = classifier_head(model)
         state = read_state_dict(path, key)
         skip = [k for k in model.state_dict() if k.startswith(head + ".")]
+        shrink_to_fit(model, state, self.data.input_shape, skip)
         for name in skip:
             own = model.state_dict()[name]
             found = state.get(name)

@@ -63,6 +63,10 @@ class Tracker:
         """The id of the newest KILLED or FAILED run carrying all ``tags``, if any."""
         return None
 
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of run ``run_id`` (a reused run's results)."""
+        return {}
+
     def run_tag(self, run_id: str, tag: str, key: str) -> str | None:
         """The value of ``tag`` on run ``run_id``; ``key`` names the config key for errors."""
         raise ConfigError(key, run_id, "a checkpoint path: with tracking=none no run can be read")

@@ -1,10 +1,13 @@
-"""Hydra callback that creates the tracking store and experiment before a multirun's jobs start."""
+"""Hydra callbacks around a multirun: the tracking store created before the jobs start, and the
+sweep's parent run that lists its jobs."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 try:
     from hydra.experimental.callback import Callback
@@ -21,11 +24,88 @@ class PrepareTrackingStore(Callback):  # type: ignore[misc]
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Prepare the store named by ``config.tracking`` unless tracking is off."""
-        tracking = config.get("tracking")
-        if tracking is None or not str(tracking.get("_target_", "")).endswith("MlflowTracker"):
+        tracking = _mlflow_tracking(config)
+        if tracking is None:
             return
         from kdexp.tracking.mlflow import prepare_store
 
         prepare_store(
             tracking.get("uri"), tracking.get("experiment", "kdexp"), tracking.get("artifact_root")
+        )
+
+
+def _mlflow_tracking(config: DictConfig) -> DictConfig | None:
+    tracking = config.get("tracking")
+    if tracking is None or not str(tracking.get("_target_", "")).endswith("MlflowTracker"):
+        return None
+    return tracking
+
+
+class SweepRun(Callback):  # type: ignore[misc]
+    """The sweep's parent run, and its table of jobs.
+
+    Before the jobs start it opens a run named ``sweep-<sweep id>`` (tags ``sweep_id`` and
+    ``kdexp.role=sweep``) and writes its id to ``<sweep dir>/sweep_run.json``, where every job
+    finds it and tags itself ``mlflow.parentRunId``. At the end it writes ``sweep_jobs.csv`` and
+    ``.md`` (one row per job: overrides, FINISHED / REUSED / FAILED, objective, run, error) into
+    the sweep folder, logs them and the counts to the parent run, and closes it: FAILED when a job
+    failed. Without MLflow only the table is written.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Open the parent run (MLflow only)."""
+        from kdexp.sweep import SWEEP_FILE, sweep_id
+
+        tracking = _mlflow_tracking(config)
+        if tracking is None:
+            return
+        from kdexp.tracking.mlflow import open_sweep_run
+
+        folder = Path(config.hydra.sweep.dir)
+        identifier = sweep_id(folder)
+        tags = {
+            "sweep_id": identifier,
+            "kdexp.role": "sweep",
+            "sweep_dir": str(folder.resolve()),
+            "overrides": " ".join(config.hydra.overrides.task) or "(none)",
+        }
+        run_id = open_sweep_run(
+            tracking.get("uri"),
+            tracking.get("experiment", "kdexp"),
+            tracking.get("artifact_root"),
+            f"sweep-{identifier}",
+            tags,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SWEEP_FILE).write_text(json.dumps({"sweep_id": identifier, "run_id": run_id}))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Write the table of jobs; log it to the parent run and close that run."""
+        from kdexp.sweep import jobs, parent_run, write_jobs_table
+
+        folder = Path(config.hydra.sweep.dir)
+        if not folder.is_dir():
+            return
+        rows = jobs(folder)
+        objective = config.get("objective", "objective")
+        names = [str(n) for n in objective] if isinstance(objective, ListConfig) else str(objective)
+        paths = write_jobs_table(rows, folder, names)
+        counts = {
+            f"sweep/{status.lower()}": float(sum(r.status == status for r in rows))
+            for status in ("FINISHED", "REUSED", "FAILED")
+        }
+        counts["sweep/jobs"] = float(len(rows))
+        run_id = parent_run(folder)
+        tracking = _mlflow_tracking(config)
+        if run_id is not None and tracking is not None:
+            from kdexp.tracking.mlflow import close_sweep_run
+
+            close_sweep_run(
+                tracking.get("uri"), run_id, counts, paths, failed=counts["sweep/failed"] > 0
+            )
+        print(
+            f"kdexp: sweep of {len(rows)} jobs: {int(counts['sweep/finished'])} finished, "
+            f"{int(counts['sweep/reused'])} reused, {int(counts['sweep/failed'])} failed; "
+            f"jobs listed in {paths[1]}",
+            flush=True,
         )

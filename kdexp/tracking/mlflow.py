@@ -90,6 +90,41 @@ def prepare_store(uri: str | None, experiment: str, artifact_root: str | None = 
         return found.experiment_id
 
 
+def open_sweep_run(
+    uri: str | None,
+    experiment: str,
+    artifact_root: str | None,
+    name: str,
+    tags: Mapping[str, str],
+) -> str:
+    """Create a sweep's parent run (RUNNING) and return its id; its jobs nest under it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or default_uri()
+    experiment_id = prepare_store(uri, experiment, artifact_root)
+    run = MlflowClient(tracking_uri=uri).create_run(experiment_id, run_name=name, tags=dict(tags))
+    return run.info.run_id
+
+
+def close_sweep_run(
+    uri: str | None,
+    run_id: str,
+    metrics: Mapping[str, float],
+    paths: list[Path],
+    failed: bool,
+) -> None:
+    """Log the sweep's job table and counts to its parent run and close it."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri or default_uri())
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    for path in paths:
+        client.log_artifact(run_id, str(path), "sweep")
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
 def limit_http_retries(uri: str) -> None:
     """For an http(s) store, make MLflow give up on a request within seconds, not minutes.
 
@@ -398,6 +433,12 @@ class MlflowTracker(Tracker):
         )
         stopped = [r for r in found if r.info.status in ("KILLED", "FAILED")]
         return stopped[0].info.run_id if stopped else None
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of run ``run_id``."""
+        from mlflow.tracking import MlflowClient
+
+        return dict(MlflowClient(tracking_uri=self.uri).get_run(run_id).data.metrics)
 
     def run_tag(self, run_id: str, tag: str, key: str) -> str | None:
         """The value of ``tag`` on run ``run_id``; a :class:`ConfigError` if there is no run."""

@@ -124,6 +124,8 @@ class Sensitivity(Unstructured):
     ``calibration_batches`` training batches (LeCun et al. 1990 / Mozer & Smolensky 1989, the
     first-order term)."""
 
+    supports_distributed = False  # each rank would score its own slice of the batches
+
     def _accumulated(self, taylor: bool) -> dict[str, Tensor]:
         weights = {n: _weight(m) for n, m in self.targets.items()}
         acc = {n: torch.zeros_like(w) for n, w in weights.items()}

@@ -136,7 +136,10 @@ def load_packed(model: nn.Module, source: str | Path | Mapping[str, Tensor]) -> 
 
     Files are read with ``torch.load(weights_only=True)``.
     """
-    state = dict(source) if isinstance(source, Mapping) else read_state_dict(source, "packed")
+    if isinstance(source, Mapping):
+        state = dict(source)
+    else:
+        state = read_state_dict(source, "packed", quantized=True)
     for name, module in list(model.named_modules()):
         if f"{name}.packed" not in state:
             continue

@@ -11,6 +11,7 @@ trained first with the run's schedule). ``finalize`` converts with
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdexp.dataset.base import Data
@@ -41,6 +42,7 @@ class _PostTraining(QuantMethod):
     """Freeze in ``prepare``; the loop's one epoch leaves the model as it was."""
 
     loop_epochs = 1
+    supports_distributed = False  # nothing to train in parallel; calibration wants every batch
 
     def __init__(self, *, data: Data, criterion: nn.Module) -> None:
         super().__init__(data=data, criterion=criterion)
@@ -106,6 +108,11 @@ class PTQInt8(_PostTraining):
 class DynamicInt8(_PostTraining):
     """Dynamic int8 quantization of the Linear layers: int8 weights, activations quantized per
     batch at run time (no calibration). Suits Linear-heavy models (MLPs, transformers)."""
+
+    @classmethod
+    def onnx_unsupported(cls, cfg: DictConfig) -> str | None:
+        """torch.onnx has no mapping for torch.ao's dynamic int8 Linear (linear_dynamic)."""
+        return "torch.onnx cannot export dynamic int8 layers"
 
     def check(self, model: nn.Module) -> None:
         """A model without Linear layers has nothing to quantize dynamically."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdexp.dataset.base import Data
@@ -34,7 +35,9 @@ class QAT(QuantMethod):
     (:mod:`kdexp.method.quantize.fake`): per-output-channel symmetric quantizers with the
     straight-through estimator at 8/4/2 bits, min-max steps or learned ones (``lsq``; Esser et al.
     2020), and ``sign(w) · mean|w|`` at 1 bit (XNOR-Net; Rastegari et al. 2016). The first and
-    last layers stay at 8 bits unless ``keep_first_last_8bit`` is false.
+    last layers stay at 8 bits unless ``keep_first_last_8bit`` is false. With ``keep_sparsity``
+    the weights that are exactly zero at the start (a pruned model) stay zero while training: a
+    mask buffer on each such layer is re-applied after every step.
 
     ``finalize`` returns, at 8 bits, the int8 model of the backend (activations calibrated on
     ``calibration_batches`` training batches); at 4/2/1 bits a model whose quantized layers hold
@@ -54,6 +57,7 @@ class QAT(QuantMethod):
         quantize_activations: bool = False,
         keep_first_last_8bit: bool = True,
         calibration_batches: int = 8,
+        keep_sparsity: bool = True,
         distill: Callable[..., Method] | None = None,
         teacher: nn.Module | None = None,
     ) -> None:
@@ -66,12 +70,22 @@ class QAT(QuantMethod):
         self.quantize_activations = bool(quantize_activations)
         self.keep_first_last_8bit = bool(keep_first_last_8bit)
         self.calibration_batches = calibration_batches
+        self.keep_sparsity = bool(keep_sparsity)
+        self._masked: list[nn.Module] = []  # fake layers whose pruned zeros stay zero
         self.layer_bits: dict[str, int] = {}
         self.distiller: Method | None = None
         if distill is not None:
             if teacher is None:
                 raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
             self.distiller = distill(data=data, criterion=criterion, teacher=teacher)
+
+    @classmethod
+    def onnx_unsupported(cls, cfg: DictConfig) -> str | None:
+        """Below 8 bits the weights are unpacked with bit shifts that torch.onnx cannot export."""
+        bits = cfg.get("bits", 4)
+        if bits != 8:
+            return f"method.bits={bits} stores packed weights that torch.onnx cannot export"
+        return None
 
     # -- the Method protocol ------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -85,7 +99,12 @@ class QAT(QuantMethod):
         for name, module in layers:
             bits = 8 if name in ends else self.bits
             self.layer_bits[name] = bits
-            set_module(model, name, to_fake(module, bits, self.lsq, self.quantize_activations))
+            fake = to_fake(module, bits, self.lsq, self.quantize_activations)
+            weight = cast(Tensor, module.weight)
+            if self.keep_sparsity and bool((weight == 0).any()):
+                fake.register_buffer("sparsity_mask", (weight != 0).to(weight.dtype))
+                self._masked.append(fake)
+            set_module(model, name, fake)
         if self.distiller is not None:
             model = self.distiller.prepare(model)
         return model
@@ -97,6 +116,10 @@ class QAT(QuantMethod):
         return super().loss(inputs, targets, logits)
 
     def after_step(self, step: int) -> dict[str, float]:
+        """Re-zero the pruned weights (``keep_sparsity``); then the distiller's step."""
+        with torch.no_grad():
+            for fake in self._masked:
+                cast(Tensor, fake.weight).mul_(cast(Tensor, fake.sparsity_mask))
         return self.distiller.after_step(step) if self.distiller is not None else {}
 
     def after_epoch(self, epoch: int) -> dict[str, float]:
