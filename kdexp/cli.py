@@ -17,7 +17,7 @@ from kdexp.errors import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdexp.conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float] | None:
     """Run one job. Errors print one line, not a traceback, and exit non-zero.
 
     A config mistake (:class:`ConfigError`) exits with status 2 and removes the files Hydra wrote
@@ -45,7 +45,8 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         print(f"kdexp: error: {error}", file=sys.stderr, flush=True)
         if _in_multirun():
-            return _failed(str(error))
+            _failed(str(error))
+            return None
         _remove_job_files()
         sys.exit(2)
     except Exception as error:
@@ -60,7 +61,8 @@ def main(cfg: DictConfig) -> float:
             flush=True,
         )
         if _in_multirun():
-            return _failed(f"{type(error).__name__}: {error}")
+            _failed(f"{type(error).__name__}: {error}")
+            return None
         sys.exit(1)
 
 
@@ -68,13 +70,17 @@ def _in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _failed(message: str) -> float:
-    """In a multirun a failing job does not stop the sweep: it is recorded, and its objective is
-    NaN (a failed trial to Hydra's sweepers); :class:`kdexp.sweep.ReportFailedJobs` lists it."""
+def _failed(message: str) -> None:
+    """In a multirun a failing job does not stop the sweep: it is recorded, and
+    :class:`kdexp.sweep.ReportFailedJobs` lists it at the end.
+
+    The job returns no value (None), which Hydra's Optuna sweeper records as a FAIL trial, with one
+    objective or several. A NaN would stop the whole sweep there: Optuna 2.10 refuses to complete
+    a trial with NaN values, and the sweeper's fallback (telling FAIL with the same values) raises.
+    """
     from kdexp.sweep import record_failure
 
     record_failure(_output_dir(), list(HydraConfig.get().overrides.task), message)
-    return float("nan")
 
 
 def _output_dir() -> Path:

@@ -2,9 +2,10 @@
 
 One row per configuration: runs that differ only in their seed are grouped, and each column gives
 mean ± std over the seeds. Best-epoch and last-epoch validation accuracy stay in separate columns,
-since comparisons with papers often confuse the two. The plots put test accuracy against model
-size, latency and sparsity with the Pareto front marked, overlay the runs' sparsity curves, and
-draw each configuration's validation curve.
+since comparisons with papers often confuse the two. The plots put accuracy (test accuracy, or the
+metric ``--accuracy`` names) against parameters, model size, latency and density with the Pareto
+front marked, and ``pareto.csv`` lists the configurations on each front; the other plots overlay
+the runs' sparsity curves and each configuration's validation curve.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,14 +101,60 @@ def _aggregate(label: str, runs: list[RunRecord]) -> Row:
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats: smaller x (cost) and larger y (accuracy)."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], float("-inf")
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
+    """Indices of the points no other point dominates, by increasing x.
+
+    A point (x, y) is dominated when another has x' <= x (cost) and y' >= y (accuracy), one of
+    them strictly. Equal points do not dominate each other, so both stay on the front.
+    """
+    front = [
+        i
+        for i, (x, y) in enumerate(points)
+        if not any(a <= x and b >= y and (a, b) != (x, y) for a, b in points)
+    ]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def _density(row: Row) -> float | None:
+    if "model/params" not in row.mean or "model/nonzero_params" not in row.mean:
+        return None
+    return row.mean["model/nonzero_params"] / row.mean["model/params"]
+
+
+#: (axis label, short name, cost) of the accuracy-against-cost plots and of ``pareto.csv``.
+COSTS: tuple[tuple[str, str, Callable[[Row], float | None]], ...] = (
+    ("parameters", "params", lambda r: r.mean.get("model/params")),
+    ("model size (bytes)", "size_bytes", lambda r: r.mean.get("model/size_bytes")),
+    ("latency at batch 1 (ms)", "latency_ms", lambda r: r.mean.get("model/latency_ms")),
+    ("density (nonzero / params)", "density", _density),
+)
+#: Metrics ``--accuracy`` may put on the y axis (all are aggregated as table columns).
+ACCURACIES = ("test/acc1", "best/val_acc1", "last/val_acc1")
+
+
+def fronts(rows: Sequence[Row], accuracy: str = "test/acc1") -> dict[str, list[tuple[Row, float]]]:
+    """For each cost of :data:`COSTS`, the rows on the Pareto front of ``accuracy`` against it,
+    each with its cost, by increasing cost."""
+    found = {}
+    for _, name, cost in COSTS:
+        costs = [(r, cost(r)) for r in rows if accuracy in r.mean]
+        usable = [(r, x) for r, x in costs if x is not None]
+        points = [(x, r.mean[accuracy]) for r, x in usable]
+        found[name] = [(usable[i][0], points[i][0]) for i in pareto_front(points)]
+    return found
+
+
+def write_pareto(rows: Sequence[Row], folder: Path, accuracy: str = "test/acc1") -> Path:
+    """``pareto.csv``: one line per (cost, configuration on that cost's front), with the run ids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pareto.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["cost", "configuration", accuracy, "cost value", "run ids"])
+        for name, front in fronts(rows, accuracy).items():
+            for row, x in front:
+                ids = " ".join(run.run_id for run in row.runs)
+                writer.writerow([name, row.label, row.mean[accuracy], x, ids])
+    return path
 
 
 def _cell(row: Row, metric: str) -> str:
@@ -143,9 +190,9 @@ def write_tables(rows: list[Row], folder: Path) -> list[Path]:
     return [markdown, table]
 
 
-def write_plots(rows: list[Row], folder: Path) -> list[Path]:
-    """Accuracy against size, latency and sparsity (Pareto front marked); sparsity and
-    validation curves."""
+def write_plots(rows: list[Row], folder: Path, accuracy: str = "test/acc1") -> list[Path]:
+    """Accuracy against parameters, size, latency and density (Pareto fronts marked); sparsity
+    and validation curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,30 +200,25 @@ def write_plots(rows: list[Row], folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    usable = [r for r in rows if "test/acc1" in r.mean]
-    axes_spec = [
-        ("model size (bytes)", lambda r: r.mean.get("model/size_bytes")),
-        ("latency at batch 1 (ms)", lambda r: r.mean.get("model/latency_ms")),
-        (
-            "density (nonzero / params)",
-            lambda r: (
-                r.mean["model/nonzero_params"] / r.mean["model/params"]
-                if "model/params" in r.mean
-                else None
-            ),
-        ),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    for ax, (xlabel, cost) in zip(axes, axes_spec, strict=True):
-        points = [(cost(r), r.mean["test/acc1"], r.label) for r in usable if cost(r) is not None]
-        for x, y, label in points:
-            ax.scatter(x, y)
-            ax.annotate(label, (x, y), fontsize=7)
-        front = [points[i] for i in pareto_front([(x, y) for x, y, _ in points])]
+    usable = [r for r in rows if accuracy in r.mean]
+    marked = fronts(usable, accuracy)
+    fig, axes = plt.subplots(1, len(COSTS), figsize=(5.5 * len(COSTS), 5))
+    for ax, (xlabel, name, cost) in zip(axes, COSTS, strict=True):
+        xs = []
+        for row in usable:
+            x = cost(row)
+            if x is not None:
+                xs.append(x)
+                ax.scatter(x, row.mean[accuracy])
+                ax.annotate(row.label, (x, row.mean[accuracy]), fontsize=7)
+        if name in ("params", "size_bytes") and xs and min(xs) > 0 and max(xs) > 20 * min(xs):
+            ax.set_xscale("log")  # a search's students span orders of magnitude in size
+        front = marked[name]
         if front:
-            ax.plot([p[0] for p in front], [p[1] for p in front], "k--", label="Pareto front")
+            xs, ys = [x for _, x in front], [row.mean[accuracy] for row, _ in front]
+            ax.plot(xs, ys, "k--", label="Pareto front")
             ax.legend()
-        ax.set(xlabel=xlabel, ylabel="test/acc1 (%)")
+        ax.set(xlabel=xlabel, ylabel=f"{accuracy} (%)")
     fig.subplots_adjust(wspace=0.3)
     written.append(folder / "accuracy_vs_cost.png")
     fig.savefig(written[-1], dpi=100)
@@ -215,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--filter", default="", help="an MLflow search filter string")
     parser.add_argument("--out", default=None, help="default: outputs/reports/<experiment>")
     parser.add_argument("--log-to", default=None, help="run id to attach the report to")
+    parser.add_argument(
+        "--accuracy",
+        default="test/acc1",
+        choices=ACCURACIES,
+        help="the accuracy of the Pareto plots and pareto.csv (best/val_acc1 for a search)",
+    )
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_uri()
     filters = [args.filter] if args.filter else []
@@ -242,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = group(runs)
     folder = Path(args.out or Path("outputs", "reports", args.experiment))
-    paths = write_tables(rows, folder) + write_plots(rows, folder)
+    paths = write_tables(rows, folder) + write_plots(rows, folder, args.accuracy)
+    paths.append(write_pareto(rows, folder, args.accuracy))
     # Logged to the sweep's parent run by default when the report is of one sweep.
     log_to = args.log_to or (parents[0] if len(parents) == 1 else None)
     if log_to:

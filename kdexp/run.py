@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 import kdexp
@@ -45,7 +45,7 @@ from kdexp.train import LoopOptions, evaluate, fit
 
 log = logging.getLogger(__name__)
 
-#: Metrics every run logs at its end; ``objective`` must name one of them.
+#: Metrics every run logs at its end; ``objective`` names one of them, or a list of them.
 FINAL_METRICS = (
     "best/val_acc1",
     "best/epoch",
@@ -98,9 +98,10 @@ class _Built:
     lineage: str
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> float | list[float]:
     """The Hydra job: execute the composed config and return the value of ``cfg.objective``.
 
+    A list of metric names (a multi-objective sweep) returns the list of their values, in order.
     A config with a ``pipeline`` runs its stages in order (:mod:`kdexp.pipeline`).
     """
     if "hydra" in cfg:  # composed with return_hydra_config (tests); a job never sees it
@@ -113,7 +114,11 @@ def run(cfg: DictConfig) -> float:
             result = run_pipeline(cfg, job)
         else:
             result = execute(cfg, job, reuse_finished=bool(cfg.get("skip_finished", False)))
-    objective = float(result.metrics[cfg.objective])
+    objective: float | list[float]
+    if isinstance(cfg.objective, str):
+        objective = float(result.metrics[cfg.objective])
+    else:
+        objective = [float(result.metrics[name]) for name in cfg.objective]
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         overrides = list(HydraConfig.get().overrides.task)
         record_job(job.out_dir, overrides, result.run_id, objective, result.reused)
@@ -152,8 +157,7 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     """
     validate(cfg)
     check_export(cfg)
-    if cfg.objective not in FINAL_METRICS:
-        raise ConfigError("objective", cfg.objective, "one of " + ", ".join(FINAL_METRICS))
+    _check_objective(cfg.objective)
     method_class = get_class(cfg.method._target_)
     uses_teacher = getattr(method_class, "uses_teacher", False) or (
         OmegaConf.select(cfg, "method.distill") is not None
@@ -308,6 +312,16 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         flush=True,
     )
     return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
+
+
+def _check_objective(objective: object) -> None:
+    """``objective`` names one final metric, or is a non-empty list of distinct ones."""
+    many = isinstance(objective, ListConfig | list)
+    names = list(objective) if isinstance(objective, ListConfig | list) else [objective]
+    # Membership first: by the time set() hashes the names, they are all strings.
+    if not names or any(n not in FINAL_METRICS for n in names) or len(set(names)) < len(names):
+        accepted = "one of " + ", ".join(FINAL_METRICS) + ", or a list of distinct ones"
+        raise ConfigError("objective", names if many else objective, accepted)
 
 
 def _input_example(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:

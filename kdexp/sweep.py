@@ -40,16 +40,29 @@ def parent_run(sweep_dir: Path) -> str | None:
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def record_job(
-    job_dir: Path, overrides: list[str], run_id: str | None, objective: float, reused: bool
+    job_dir: Path,
+    overrides: list[str],
+    run_id: str | None,
+    objective: float | list[float],
+    reused: bool,
 ) -> None:
-    """Write a finished job's outcome to ``<job dir>/job.json`` for the sweep's table."""
+    """Write a finished job's outcome to ``<job dir>/job.json`` for the sweep's table.
+
+    ``objective`` is one value, or a list of them for a multi-objective sweep.
+    """
     job_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "overrides": " ".join(overrides),
         "status": "REUSED" if reused else "FINISHED",
         "run_id": run_id,
-        "objective": objective if math.isfinite(objective) else None,
+        "objective": (
+            [_finite(v) for v in objective] if isinstance(objective, list) else _finite(objective)
+        ),
     }
     (job_dir / JOB_FILE).write_text(json.dumps(record))
 
@@ -61,7 +74,7 @@ class JobRow:
     job: str
     overrides: str
     status: str
-    objective: float | None
+    objective: float | list[float | None] | None
     run_id: str
     message: str
 
@@ -88,18 +101,20 @@ def jobs(sweep_dir: Path) -> list[JobRow]:
     return rows
 
 
-def write_jobs_table(rows: list[JobRow], folder: Path, objective: str) -> list[Path]:
-    """``sweep_jobs.csv`` and ``sweep_jobs.md``: one row per job (overrides, status, objective)."""
-    header = ["job", "overrides", "status", objective, "run", "error"]
+def _values(objective: float | list[float | None] | None, count: int) -> list[str]:
+    """``count`` table cells for a job's objective value(s); empty where there is none."""
+    values = objective if isinstance(objective, list) else [objective]
+    cells = ["" if v is None else f"{v:.6g}" for v in values]
+    return cells + [""] * (count - len(cells))
+
+
+def write_jobs_table(rows: list[JobRow], folder: Path, objective: str | list[str]) -> list[Path]:
+    """``sweep_jobs.csv`` and ``sweep_jobs.md``: one row per job (overrides, status, objective,
+    one column per metric when ``objective`` lists several)."""
+    names = objective if isinstance(objective, list) else [objective]
+    header = ["job", "overrides", "status", *names, "run", "error"]
     cells = [
-        [
-            r.job,
-            r.overrides,
-            r.status,
-            "" if r.objective is None else f"{r.objective:.6g}",
-            r.run_id,
-            r.message,
-        ]
+        [r.job, r.overrides, r.status, *_values(r.objective, len(names)), r.run_id, r.message]
         for r in rows
     ]
     folder.mkdir(parents=True, exist_ok=True)

@@ -252,3 +252,69 @@ def test_rgb_weights_load_into_a_one_channel_resnet18(tmp_path: Path) -> None:
     torch.save(model.state_dict(), grey)
     again = build("resnet18", 10, in_channels=1, weights=str(grey))
     assert torch.equal(again.conv1.weight, model.conv1.weight)
+
+
+def _mlp_params(inputs: int, widths: list[int], classes: int) -> int:
+    """Weights and biases of Linear layers inputs -> widths... -> classes, counted by hand."""
+    sizes = [inputs, *widths, classes]
+    return sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+@pytest.mark.parametrize(("width", "depth"), [(48, 3), (7, 1), (16, 0)])
+def test_mlp_width_and_depth_build_the_listed_layers(width: int, depth: int) -> None:
+    searched = MLP(10, 1, 8, width=width, depth=depth)
+    listed = MLP(10, 1, 8, hidden=[width] * depth)
+    shapes = {k: v.shape for k, v in searched.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in listed.state_dict().items()}
+    assert _count(searched) == _mlp_params(64, [width] * depth, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"hidden": [32], "width": 32, "depth": 1}, "model.hidden"),
+        ({"width": 32}, "model.hidden"),
+        ({}, "model.hidden"),
+        ({"width": 0, "depth": 2}, "model.width"),
+        ({"width": 2.5, "depth": 2}, "model.width"),
+        ({"width": 32, "depth": -1}, "model.depth"),
+    ],
+)
+def test_mlp_shape_given_twice_or_not_at_all_is_a_config_error(kwargs: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        MLP(10, 1, 8, **kwargs)
+    assert error.value.key == key
+
+
+def _cifar_resnet_params(depth: int, widths: list[int], classes: int, channels: int = 3) -> int:
+    """Parameters of He et al.'s CIFAR ResNet counted by hand: 3x3 convs without bias, BN
+    (weight and bias), option-B 1x1 shortcuts where the shape changes, and the linear head."""
+    total = 9 * channels * widths[0] + 2 * widths[0]
+    blocks = (depth - 2) // 6
+    for stage, width in enumerate(widths[1:]):
+        for block in range(blocks):
+            inputs = widths[stage] if block == 0 else width
+            total += 9 * inputs * width + 2 * width + 9 * width * width + 2 * width
+            if block == 0 and (stage > 0 or inputs != width):
+                total += inputs * width + 2 * width
+    return total + widths[3] * classes + classes
+
+
+@pytest.mark.parametrize(
+    ("depth", "multiplier", "widths"),
+    [(20, 1.0, [16, 16, 32, 64]), (20, 0.5, [8, 8, 16, 32]), (8, 4, [64, 64, 128, 256])],
+)
+def test_cifar_resnet_width_multiplier_scales_every_width(
+    depth: int, multiplier: float, widths: list[int]
+) -> None:
+    model = CifarResNet(depth, 100, width_multiplier=multiplier)
+    assert model.stem[0].out_channels == widths[0]
+    assert [stage[0].conv1.out_channels for stage in model.stages] == widths[1:]
+    assert _count(model) == _cifar_resnet_params(depth, widths, 100)
+
+
+@pytest.mark.parametrize("multiplier", [0, -1.0, "2", True])
+def test_cifar_resnet_rejects_a_bad_width_multiplier(multiplier: object) -> None:
+    with pytest.raises(ConfigError) as error:
+        CifarResNet(20, 10, width_multiplier=multiplier)  # type: ignore[arg-type]
+    assert error.value.key == "model.width_multiplier"

@@ -85,3 +85,31 @@ def test_report_filters_and_explains_bad_input(tmp_path: Path, capsys) -> None:
     assert "--experiment='nope': one of the store's experiments: ['Default', 'rep']" in (
         capsys.readouterr().err
     )
+
+
+def test_pareto_front_keeps_equal_points_and_drops_dominated_ones() -> None:
+    # Equal points do not dominate each other (as in Optuna's best_trials); (1, 80) is dominated.
+    points = [(2.0, 95.0), (1.0, 90.0), (1.0, 90.0), (1.0, 80.0), (3.0, 95.0)]
+    assert pareto_front(points) == [1, 2, 0]
+
+
+def test_pareto_csv_lists_each_front_on_the_chosen_accuracy(tmp_path: Path) -> None:
+    uri = _store(tmp_path)
+    out = tmp_path / "report"
+    args = ["--experiment", "rep", "--tracking-uri", uri, "--out", str(out)]
+    assert main([*args, "--accuracy", "best/val_acc1"]) == 0
+    rows = list(csv.DictReader((out / "pareto.csv").open()))
+    params = [r for r in rows if r["cost"] == "params"]
+    # By hand: KD at [64] (250 params, 94.5) beats the [64] baseline (250, mean 92.0); the
+    # [256] baseline (1000, mean 96.5) is the most accurate.
+    assert [
+        (r["configuration"], float(r["best/val_acc1"]), float(r["cost value"])) for r in params
+    ] == [
+        ("distill/kd / mlp / digits", 94.5, 250.0),
+        ("baseline / mlp / digits model.hidden=[256]", 96.5, 1000.0),
+    ]
+    assert len(params[1]["run ids"].split()) == 2  # both seeds of that configuration
+    assert {r["cost"] for r in rows} == {"params", "size_bytes", "latency_ms", "density"}
+    with pytest.raises(SystemExit) as refused:  # argparse names the accepted metrics
+        main([*args, "--accuracy", "val/acc1"])
+    assert refused.value.code == 2

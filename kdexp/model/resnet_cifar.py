@@ -43,9 +43,11 @@ class CifarResNet(nn.Module):
     A 3×3 stem conv, three stages of n = (depth - 2) / 6 BasicBlocks (stride 2 at stages 2 and 3),
     global average pooling and a linear classifier. ``widths`` gives the stem width and the three
     stage widths: (16, 16, 32, 64) for resnet20/56/110, and (32, 64, 128, 256) for the ×4 variants
-    of Tian et al. 2020 ("Contrastive Representation Distillation"). Shortcuts that change shape
-    are 1×1 conv + BN (option B), as in CRD's code. ``image_size`` is accepted and ignored: the
-    average pool adapts to any input size.
+    of Tian et al. 2020 ("Contrastive Representation Distillation"). ``width_multiplier`` scales
+    every one of those widths (rounded, at least 1), so that a search can sample depth and width
+    as two numbers: ``depth=20, width_multiplier=0.5`` has widths (8, 8, 16, 32). Shortcuts that
+    change shape are 1×1 conv + BN (option B), as in CRD's code. ``image_size`` is accepted and
+    ignored: the average pool adapts to any input size.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class CifarResNet(nn.Module):
         in_channels: int = 3,
         widths: Sequence[int] = (16, 16, 32, 64),
         image_size: int | None = None,
+        width_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
@@ -64,6 +67,14 @@ class CifarResNet(nn.Module):
             raise ConfigError(
                 "model.widths", widths, "four positive widths: stem, stage 1, stage 2, stage 3"
             )
+        multiplier = width_multiplier
+        if (
+            isinstance(multiplier, bool)
+            or not isinstance(multiplier, int | float)
+            or multiplier <= 0
+        ):
+            raise ConfigError("model.width_multiplier", width_multiplier, "a positive number")
+        widths = [max(1, round(width * multiplier)) for width in widths]
         blocks_per_stage = (depth - 2) // 6
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 try:
     from hydra.experimental.callback import Callback
@@ -87,8 +87,9 @@ class SweepRun(Callback):  # type: ignore[misc]
         if not folder.is_dir():
             return
         rows = jobs(folder)
-        objective = str(config.get("objective", "objective"))
-        paths = write_jobs_table(rows, folder, objective)
+        objective = config.get("objective", "objective")
+        names = [str(n) for n in objective] if isinstance(objective, ListConfig) else str(objective)
+        paths = write_jobs_table(rows, folder, names)
         counts = {
             f"sweep/{status.lower()}": float(sum(r.status == status for r in rows))
             for status in ("FINISHED", "REUSED", "FAILED")
