@@ -122,15 +122,19 @@ class Finetune(Method):
         return sub
 
     def load_start(self, model: nn.Module, path: Path, key: str) -> None:
-        """Load every tensor of ``path`` except the classifier head's; any other misfit fails."""
+        """Load every tensor of ``path`` except the classifier head's; any other misfit fails.
+
+        The file may hold a head for any class count (a torchvision ImageNet state_dict) or none
+        (a bare backbone); a file of another architecture fails on its backbone keys.
+        """
         head = classifier_head(model)
         state = read_state_dict(path, key)
         skip = [k for k in model.state_dict() if k.startswith(head + ".")]
         for name in skip:
             own = model.state_dict()[name]
             found = state.get(name)
-            if found is None or found.shape[1:] != own.shape[1:]:
-                shape = "missing" if found is None else str(tuple(found.shape))
+            if found is not None and found.shape[1:] != own.shape[1:]:
+                shape = str(tuple(found.shape))
                 raise ConfigError(
                     key,
                     str(path),
