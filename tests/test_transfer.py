@@ -376,26 +376,45 @@ def test_logged_model_loads_back_and_scores_the_logged_accuracy(
 
 
 @pytest.mark.slow
-def test_transfer_digits_runs_source_finetune_and_scratch_side_by_side(tmp_path: Path) -> None:
+def test_transfer_digits_compares_finetune_and_scratch_fairly(tmp_path: Path) -> None:
     done = run_cli(
-        ["experiment=transfer_digits", *tracking_overrides(tmp_path), "latency_repeats=1"],
+        [
+            "experiment=transfer_digits",
+            "seed=0",  # the preset sweeps seeds 0-4; the command line narrows the sweep
+            *tracking_overrides(tmp_path),
+            "latency_repeats=1",
+            "tracking.log_model=false",
+        ],
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(tracking_overrides(tmp_path)[0].split("=", 1)[1])
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
-    by_role = {
-        (r.data.tags["method"], r.data.tags["dataset"]): r for r in runs
-    }  # the source baseline is named digits-source
-    assert set(by_role) == {
-        ("finetune", "digits"),
-        ("baseline", "digits"),
-        ("baseline", "digits-source"),
-    }
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert by_role["baseline", "digits-source"].data.tags["kdexp.trained_for"] == "checkpoint"
-    # Fine-tuning does not beat training from scratch on this pairing yet (measured 87.4% vs
-    # 92.0%), so that comparison is not asserted; issue 6 stays open until it does.
-    finetune_run = by_role["finetune", "digits"]
-    assert finetune_run.data.params["checkpoint"] == "None"
-    assert finetune_run.data.params["dataset.train_limit"] == "5"
+    by_role = {
+        (r.data.tags["method"], r.data.tags["dataset"], r.data.tags["seed"]): r for r in runs
+    }  # the source baselines are named digits-source
+    roles = [("finetune", "digits"), ("baseline", "digits"), ("baseline", "digits-source")]
+    assert sorted(by_role) == sorted((*role, "0") for role in roles)
+
+    def steps(run) -> int:
+        return client.get_metric_history(run.info.run_id, "test/acc1")[-1].step
+
+    source = by_role["baseline", "digits-source", "0"]
+    finetuned = by_role["finetune", "digits", "0"]
+    scratch = by_role["baseline", "digits", "0"]
+    assert source.data.tags["kdexp.trained_for"] == "checkpoint"
+    assert source.data.params["dataset.classes"] == "[0, 1, 2, 3, 4]"
+    assert source.data.metrics["test/acc1"] > 95  # it knows digits 0-4
+    # The same model, labelled images, schedule and number of optimizer steps in both arms:
+    # 5 images of each of 5 classes at batch 16 is 2 steps per epoch, for 30 epochs.
+    for key in finetuned.data.params:
+        if key.startswith(("dataset.", "model.", "schedule.")) or key == "seed":
+            assert finetuned.data.params[key] == scratch.data.params[key], key
+    assert finetuned.data.params["dataset.train_limit"] == "5"
+    assert steps(finetuned) == steps(scratch) == 60
+    # Both learn digits 5-9 from 25 labels (chance is 20%). Fine-tuning does not beat scratch
+    # on this pairing (measured 90.2 +- 1.3% vs 91.5 +- 0.2% over seeds 0-4, see
+    # conf/experiment/transfer_digits.yaml), so that comparison is not asserted.
+    for arm in (finetuned, scratch):
+        assert arm.data.metrics["test/acc1"] > 80
