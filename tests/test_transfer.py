@@ -12,6 +12,7 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
+import torchvision
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_digits
 from torch import nn
@@ -19,6 +20,7 @@ from torch import nn
 from kdexp.checkpoint import save_checkpoint
 from kdexp.dataset.base import Data
 from kdexp.dataset.digits import load as digits
+from kdexp.dataset.synthetic import load as synthetic
 from kdexp.errors import ConfigError
 from kdexp.method.finetune import Finetune
 from kdexp.run import run
@@ -260,6 +262,93 @@ def test_finetune_without_source_is_a_config_error(compose_cfg, tmp_path: Path) 
     assert caught.value.key == "checkpoint" and "source" in str(caught.value)
 
 
+# ---------------------------------------------------------------- torchvision weights files
+
+
+def _tiny_rgb(tmp_path: Path, weights: Path, *extra: str) -> list[str]:
+    """Overrides: fine-tune torchvision resnet18 from ``weights`` on 4 classes of 16x16 RGB."""
+    return [
+        "method=finetune",
+        "model=torchvision",
+        "model.name=resnet18",
+        "dataset=synthetic",
+        "dataset.channels=3",
+        "dataset.image_size=16",
+        "dataset.num_classes=4",
+        "dataset.train_samples=48",
+        "dataset.test_samples=16",
+        "schedule.epochs=1",
+        "schedule.batch_size=16",
+        "latency_repeats=1",
+        "tracking.log_model=false",
+        f"checkpoint={weights}",
+        *extra,
+        *tracking_overrides(tmp_path),
+    ]
+
+
+def test_torchvision_state_dict_is_a_finetune_source(compose_cfg, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    saved = torchvision.models.resnet18(num_classes=1000).state_dict()  # random, not downloaded
+    path = tmp_path / "resnet18.pth"
+    torch.save(saved, path)
+    # A linear probe keeps the whole backbone (BatchNorm statistics too) as the file had it.
+    run(compose_cfg(*_tiny_rgb(tmp_path, path, "method.mode=linear_probe")))
+    client = MlflowClient(tracking_overrides(tmp_path)[0].split("=", 1)[1])
+    (found,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert found.info.status == "FINISHED"
+    assert found.data.params["checkpoint"] == str(path)
+    final = client.download_artifacts(found.info.run_id, "checkpoints/final.pt", str(tmp_path))
+    trained = torch.load(final, weights_only=True)["model"]
+    assert trained["fc.weight"].shape == (4, 512) and trained["fc.bias"].shape == (4,)
+    backbone = [key for key in saved if not key.startswith("fc.")]
+    assert set(trained) == set(saved)
+    assert all(torch.equal(trained[key], saved[key]) for key in backbone)
+    assert not torch.equal(trained["fc.weight"], saved["fc.weight"][:4])
+
+
+def test_torchvision_state_dict_full_finetune_starts_from_the_file(tmp_path: Path) -> None:
+    from kdexp.model.torchvision import build
+
+    saved = torchvision.models.resnet18(num_classes=1000).state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(saved, path)
+    torch.manual_seed(3)
+    model = build("resnet18", 7)
+    fresh_head = model.fc.weight.detach().clone()
+    data = synthetic(batch_size=8, seed=0, num_classes=7, channels=3, image_size=32)
+    method = Finetune(data=data, criterion=nn.CrossEntropyLoss())
+    method.load_start(model, path, "checkpoint")
+    loaded = model.state_dict()
+    assert method.param_groups(method.prepare(model), 0.1) is not None
+    assert torch.equal(loaded["layer4.1.conv2.weight"], saved["layer4.1.conv2.weight"])
+    assert torch.equal(loaded["bn1.running_var"], saved["bn1.running_var"])
+    assert torch.equal(model.fc.weight, fresh_head)  # 7 classes, freshly initialised
+
+
+@pytest.mark.parametrize(
+    ("name", "missing", "unexpected"),
+    [
+        ("mobilenet_v2", "conv1.weight", "features.0.0.weight"),
+        ("resnet34", None, "layer1.2.conv1.weight"),
+    ],
+)
+def test_torchvision_state_dict_of_another_architecture_is_a_config_error(
+    compose_cfg, tmp_path: Path, name: str, missing: str | None, unexpected: str
+) -> None:
+    path = tmp_path / f"{name}.pth"
+    torch.save(torchvision.models.get_model(name, num_classes=1000).state_dict(), path)
+    with pytest.raises(ConfigError) as caught:
+        run(compose_cfg(*_tiny_rgb(tmp_path, path)))
+    assert (caught.value.key, caught.value.value) == ("checkpoint", str(path))
+    message = str(caught.value)
+    assert f"unexpected: {unexpected}" in message
+    assert (f"missing: {missing}" in message) == (missing is not None)
+    client = MlflowClient(tracking_overrides(tmp_path)[0].split("=", 1)[1])
+    experiment = client.get_experiment_by_name("test")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
 # ---------------------------------------------------------------- MLflow models
 
 
@@ -287,27 +376,46 @@ def test_logged_model_loads_back_and_scores_the_logged_accuracy(
 
 
 @pytest.mark.slow
-def test_transfer_digits_runs_source_finetune_and_scratch_side_by_side(tmp_path: Path) -> None:
+def test_transfer_digits_compares_finetune_and_scratch_fairly(tmp_path: Path) -> None:
     done = run_cli(
-        ["experiment=transfer_digits", *tracking_overrides(tmp_path), "latency_repeats=1"],
+        [
+            "experiment=transfer_digits",
+            "seed=0",  # the preset sweeps seeds 0-4; the command line narrows the sweep
+            *tracking_overrides(tmp_path),
+            "latency_repeats=1",
+            "tracking.log_model=false",
+        ],
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(tracking_overrides(tmp_path)[0].split("=", 1)[1])
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     runs = [r for r in runs if r.data.tags.get("kdexp.role") != "sweep"]  # the sweep's parent
-    by_role = {
-        (r.data.tags["method"], r.data.tags["dataset"]): r for r in runs
-    }  # the source baseline is named digits-source
-    assert set(by_role) == {
-        ("finetune", "digits"),
-        ("baseline", "digits"),
-        ("baseline", "digits-source"),
-    }
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert by_role["baseline", "digits-source"].data.tags["kdexp.trained_for"] == "checkpoint"
-    # Fine-tuning does not beat training from scratch on this pairing yet (measured 87.4% vs
-    # 92.0%), so that comparison is not asserted; issue 6 stays open until it does.
-    finetune_run = by_role["finetune", "digits"]
-    assert finetune_run.data.params["checkpoint"] == "None"
-    assert finetune_run.data.params["dataset.train_limit"] == "5"
+    by_role = {
+        (r.data.tags["method"], r.data.tags["dataset"], r.data.tags["seed"]): r for r in runs
+    }  # the source baselines are named digits-source
+    roles = [("finetune", "digits"), ("baseline", "digits"), ("baseline", "digits-source")]
+    assert sorted(by_role) == sorted((*role, "0") for role in roles)
+
+    def steps(run) -> int:
+        return client.get_metric_history(run.info.run_id, "test/acc1")[-1].step
+
+    source = by_role["baseline", "digits-source", "0"]
+    finetuned = by_role["finetune", "digits", "0"]
+    scratch = by_role["baseline", "digits", "0"]
+    assert source.data.tags["kdexp.trained_for"] == "checkpoint"
+    assert source.data.params["dataset.classes"] == "[0, 1, 2, 3, 4]"
+    assert source.data.metrics["test/acc1"] > 95  # it knows digits 0-4
+    # The same model, labelled images, schedule and number of optimizer steps in both arms:
+    # 5 images of each of 5 classes at batch 16 is 2 steps per epoch, for 30 epochs.
+    for key in finetuned.data.params:
+        if key.startswith(("dataset.", "model.", "schedule.")) or key == "seed":
+            assert finetuned.data.params[key] == scratch.data.params[key], key
+    assert finetuned.data.params["dataset.train_limit"] == "5"
+    assert steps(finetuned) == steps(scratch) == 60
+    # Both learn digits 5-9 from 25 labels (chance is 20%). Fine-tuning does not beat scratch
+    # on this pairing (measured 90.2 +- 1.5% vs 91.5 +- 0.3% over seeds 0-4, see
+    # conf/experiment/transfer_digits.yaml), so that comparison is not asserted.
+    for arm in (finetuned, scratch):
+        assert arm.data.metrics["test/acc1"] > 80

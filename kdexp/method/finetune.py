@@ -124,7 +124,9 @@ class Finetune(Method):
     def load_start(self, model: nn.Module, path: Path, key: str) -> None:
         """Load every tensor of ``path`` except the classifier head's; any other misfit fails.
 
-        A channel-pruned source first shrinks ``model`` to its widths (the head's inputs too).
+        A channel-pruned source first shrinks ``model`` to its widths (the head's inputs too). The
+        file may hold a head for any class count (a torchvision ImageNet state_dict) or none (a
+        bare backbone); a file of another architecture fails on its backbone keys.
         """
         from kdexp.method.prune.channel import shrink_to_fit  # it imports kdexp.method.base
 
@@ -135,8 +137,8 @@ class Finetune(Method):
         for name in skip:
             own = model.state_dict()[name]
             found = state.get(name)
-            if found is None or found.shape[1:] != own.shape[1:]:
-                shape = "missing" if found is None else str(tuple(found.shape))
+            if found is not None and found.shape[1:] != own.shape[1:]:
+                shape = str(tuple(found.shape))
                 raise ConfigError(
                     key,
                     str(path),
