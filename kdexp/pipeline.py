@@ -203,9 +203,13 @@ def run_pipeline(cfg: DictConfig, job: Job) -> RunResult:
         tracker.flush()
         parent = tracker.run_id
     trained = [name for name, result in results.items() if not result.reused]
+    if not trained:
+        done = "trained nothing, reused every stage"
+    else:
+        done = f"trained {', '.join(trained)}"
+        done += "; reused the rest" if len(trained) < len(results) else ""
     print(
-        f"kdexp: pipeline {' > '.join(results)}: trained {', '.join(trained) or 'nothing'}"
-        f"{'; reused the rest' if len(trained) < len(results) else ''}\n"
+        f"kdexp: pipeline {' > '.join(results)}: {done}\n"
         + summary[1].read_text()
         + f"kdexp: logged to {tracker.describe()}",
         flush=True,
@@ -267,6 +271,7 @@ def write_summary(planned: list[Stage], results: dict[str, RunResult], folder: P
 
 
 def _format(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return str(value)
+    """Counts as integers (a reused run's come back from MLflow as floats), others to 4 digits."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
