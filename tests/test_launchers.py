@@ -187,6 +187,8 @@ def test_submitit_sweep_with_one_failing_job_completes_and_reports_it(tmp_path: 
 
 @pytest.mark.slow
 def test_ray_launcher_two_jobs_finish_with_their_metrics(tmp_path: Path) -> None:
+    # Ray 2.x dropped ray.init(local_mode=True); the launcher starts a local Ray instance (2 CPUs,
+    # no dashboard) in the kdexp process, which stops it when it exits.
     args = ["-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "seed=1,2"]
     args += ["+hydra.launcher.ray.init.include_dashboard=false"]
     done = run_cli(args + TINY + tracking_overrides(tmp_path), cwd=tmp_path)
