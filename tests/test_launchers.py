@@ -41,9 +41,11 @@ def packaged_cfg() -> Iterator:
 
 
 def _runs(uri: str, experiment: str = "test") -> list:
+    """The jobs' runs of ``experiment`` (a sweep's own parent run, if it has one, left out)."""
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
-    return [] if found is None else client.search_runs([found.experiment_id])
+    runs = [] if found is None else client.search_runs([found.experiment_id])
+    return [r for r in runs if r.data.tags.get("kdexp.role") != "sweep"]
 
 
 def _store(tmp_path: Path) -> str:
