@@ -93,7 +93,7 @@ def main() -> None:
     options = parser.parse_args()
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # the store's set-up messages
     names = list(VARIANTS) if options.oversubscribed else [BASIC, PARALLEL]
-    print(f"{JOBS} jobs: {' '.join(SWEEP[1:])}; {os.cpu_count()} CPUs")
+    print(f"{JOBS} jobs: {' '.join(SWEEP[1:] + options.overrides)}; {os.cpu_count()} CPUs")
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(options.repeats):
         for name in names:
