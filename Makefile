@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,sweep,onnx]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,sweep,onnx,ray]"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/distill.py
 	$(BIN)/python bench/prune.py
 	$(BIN)/python bench/quantize.py
+	$(BIN)/python bench/sweep.py
 
 clean:
 	rm -rf $(VENV) outputs/runs outputs/multirun

@@ -436,6 +436,7 @@ def _tags(cfg: DictConfig, names: dict[str, str], device: torch.device) -> dict[
         **names,
         "seed": str(cfg.seed),
         "device": str(device),
+        "torch_threads": str(torch.get_num_threads()),  # parallel launchers may lower it
         "kdexp_version": kdexp.__version__,
         "torch_version": torch.__version__,
         "git_commit": commit or "unknown",

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,14 @@ from kdexp.tracking.mlflow import MlflowTracker
 from kdexp.tracking.spool import FILE_NAME, Spool
 from kdexp.tracking.spool import main as sync_main
 from kdexp.train import LoopOptions, fit
-from tests.conftest import ROOT, run_cli, tracking_overrides
+from tests.conftest import (
+    ROOT,
+    free_port,
+    run_cli,
+    start_mlflow_server,
+    stop_mlflow_server,
+    tracking_overrides,
+)
 
 
 class _Recorder(Tracker):
@@ -251,15 +256,9 @@ def test_diverging_run_fails_naming_term_and_step_and_skip_finishes(tmp_path: Pa
     assert read_training_state(last)["step"] == 7
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_unreachable_tracking_server_fails_fast_and_clearly(tmp_path: Path) -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     done = run_cli(["method=baseline", "dataset=synthetic", f"tracking.uri={uri}"], cwd=tmp_path)
     assert time.monotonic() - start < 30
@@ -287,45 +286,14 @@ def test_crafted_and_truncated_resume_checkpoints_give_a_clear_error(tmp_path: P
 # --- a real MLflow server that goes away and comes back ---------------------------------------
 
 
-def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its workers share its process group: stopped together
-    )  # fmt: skip
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                _stop_server(server)
-                raise AssertionError("mlflow server did not start") from None
-            time.sleep(0.2)
-
-
-def _stop_server(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
 @pytest.mark.slow
 def test_tracking_server_outage_loses_no_metric(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     spool1, spool2 = tmp_path / "run1" / FILE_NAME, tmp_path / "run2" / FILE_NAME
     tracker1 = MlflowTracker(uri=uri, experiment="outage", flush_every_s=0)
     tracker2 = MlflowTracker(uri=uri, experiment="outage", flush_every_s=0)
-    servers = [_start_server(tmp_path, port)]
+    servers = [start_mlflow_server(tmp_path, port)]
     try:
         # Run 1: the server goes away mid-run and is back before it ends; it sends everything.
         with tracker1.run("r1", {"p": 1}, {}, spool=spool1) as run1:
@@ -337,7 +305,7 @@ def test_tracking_server_outage_loses_no_metric(tmp_path: Path) -> None:
                 run2.log_metrics({"loss": 0.0}, 0)
                 run2.flush()
                 assert run1.unsent == run2.unsent == 0
-                _stop_server(servers[-1])
+                stop_mlflow_server(servers[-1])
                 for step in range(10, 20):
                     run1.log_metrics({"loss": float(step), "lr": 0.1}, step)  # training goes on
                 run1.flush()
@@ -346,7 +314,7 @@ def test_tracking_server_outage_loses_no_metric(tmp_path: Path) -> None:
                     run2.log_metrics({"loss": float(step)}, step)
             _, left = Spool.read(spool2)
             assert len(left.pending) == 15  # 14 metrics and the FINISHED status
-            servers.append(_start_server(tmp_path, port))
+            servers.append(start_mlflow_server(tmp_path, port))
             for step in range(20, 30):
                 run1.log_metrics({"loss": float(step), "lr": 0.1}, step)
             run1.flush()
@@ -362,4 +330,4 @@ def test_tracking_server_outage_loses_no_metric(tmp_path: Path) -> None:
             assert steps == list(range(count)), key
     finally:
         for server in servers:
-            _stop_server(server)
+            stop_mlflow_server(server)
