@@ -75,6 +75,7 @@ def _sweep(launcher: list[str], extra: list[str], env: dict[str, str]) -> tuple[
         experiment = client.get_experiment_by_name("bench")
         assert experiment is not None
         runs = client.search_runs([experiment.experiment_id])
+        runs = [r for r in runs if r.data.tags.get("kdexp.role") != "sweep"]  # its parent run
         if [r.info.status for r in runs] != ["FINISHED"] * JOBS:
             raise SystemExit(f"expected {JOBS} FINISHED runs, got {[r.info.status for r in runs]}")
         return wall, {r.data.tags["torch_threads"] for r in runs}
