@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import cast
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdexp import distributed
@@ -32,7 +32,7 @@ from kdexp.config import flatten, validate
 from kdexp.errors import ConfigError
 from kdexp.lineage import INPUT_KEYS, PIPELINE_KEYS
 from kdexp.plots import accuracy_against_size
-from kdexp.run import Job, RunResult, execute
+from kdexp.run import Job, RunResult, execute, needs_teacher
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +114,9 @@ def _merge(base: DictConfig, stage: DictConfig, where: str) -> DictConfig:
                 merged[key] = OmegaConf.merge(merged[key], node)  # type: ignore[index]
             else:
                 merged[key] = node
-    if not _uses_teacher(merged):  # the teacher a distillation stage brought is not this stage's
+    if not needs_teacher(merged):  # the teacher a distillation stage brought is not this stage's
         merged = OmegaConf.masked_copy(merged, [str(k) for k in merged if k != "teacher"])
     return merged
-
-
-def _uses_teacher(cfg: DictConfig) -> bool:
-    method = get_class(cfg.method._target_)
-    distill = OmegaConf.select(cfg, "method.distill")
-    return bool(getattr(method, "uses_teacher", False)) or distill is not None
 
 
 def _check(cfg: DictConfig, name: str) -> None:
@@ -177,7 +171,10 @@ def run_pipeline(cfg: DictConfig, job: Job) -> RunResult:
         "kdexp.pipeline": " > ".join(s.name for s in planned),
     }
     results: dict[str, RunResult] = {}
-    with tracker.run(run_name, dict(flatten(cfg)), tags):
+    # The stages' settings are params of their own runs: resolved here, an interpolation such as
+    # ${schedule.epochs} would show the job's value, not the stage's.
+    params = dict(flatten(OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "stages"])))
+    with tracker.run(run_name, params, tags):
         for stage in planned:
             stage_cfg = _with_inputs(stage.cfg, results)
             # A sweep's job is the pipeline's run; its stages nest under that run instead.
@@ -191,7 +188,9 @@ def run_pipeline(cfg: DictConfig, job: Job) -> RunResult:
             )
         last = results[planned[-1].name]
         summary = write_summary(planned, results, job.out_dir)
-        for path in summary:
+        composed = job.out_dir / "pipeline_config.yaml"  # the stages as written, unresolved
+        composed.write_text(OmegaConf.to_yaml(cfg))
+        for path in [*summary, composed]:
             tracker.log_artifact(path, "pipeline")
         per_stage = {
             f"{name}/{metric.removeprefix('model/').replace('/', '_')}": result.metrics[metric]

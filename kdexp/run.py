@@ -149,6 +149,14 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
     return RunResult(metrics, None, found, built.lineage, reused=True)
 
 
+def needs_teacher(cfg: DictConfig) -> bool:
+    """Whether ``cfg``'s method distils from a teacher: a distillation method, or another method
+    with a ``distill`` sub-config (pruning or quantization while distilling)."""
+    method_class = get_class(cfg.method._target_)
+    distill = OmegaConf.select(cfg, "method.distill")
+    return bool(getattr(method_class, "uses_teacher", False)) or distill is not None
+
+
 def _build(cfg: DictConfig, job: Job) -> _Built:
     """Check ``cfg``, load the data, build the model and method, and load the inputs' weights.
 
@@ -159,9 +167,7 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     check_export(cfg)
     _check_objective(cfg.objective)
     method_class = get_class(cfg.method._target_)
-    uses_teacher = getattr(method_class, "uses_teacher", False) or (
-        OmegaConf.select(cfg, "method.distill") is not None
-    )
+    uses_teacher = needs_teacher(cfg)
     if uses_teacher and "teacher" not in cfg:
         raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
     if "teacher" in cfg and not uses_teacher:

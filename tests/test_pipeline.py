@@ -83,7 +83,10 @@ def test_pipeline_runs_reuses_and_reruns_only_a_changed_last_stage(tmp_path: Pat
         "pipeline/pipeline_summary.csv",
         "pipeline/pipeline_summary.md",
         "pipeline/pipeline_accuracy_size.png",
+        "pipeline/pipeline_config.yaml",
     }
+    assert parent.data.params["pipeline"] == "['teacher', 'student', 'pruned', 'quantized']"
+    assert not any(key.startswith("stages.") for key in parent.data.params)
     table = Path(client.download_artifacts(parent.info.run_id, "pipeline/pipeline_summary.csv"))
     rows = list(csv.DictReader(table.open()))
     assert [row["stage"] for row in rows] == ["teacher", "student", "pruned", "quantized"]
