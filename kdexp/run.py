@@ -93,7 +93,7 @@ class _Built:
     device: torch.device
     data: Data
     criterion: nn.Module
-    model: nn.Module
+    model: nn.Module  # on its device, prepared by the method
     method: Method
     lineage: str
 
@@ -214,6 +214,9 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
             )
             method.load_start(model, weights.path, "checkpoint")
             inputs["checkpoint"] = weights.lineage
+    # prepare checks what only the model can tell (layer names), before a teacher is trained.
+    method.to(device)
+    model = method.prepare(model.to(device))
     if uses_teacher:
         name = job.names.get("teacher") or _target_name(cfg.teacher)
         weights = distributed.on_main(
@@ -228,8 +231,7 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
 def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     """Train the built run in a tracked run of its own, evaluate the final model and log it."""
     tracker, device, data, method = built.tracker, built.device, built.data, built.method
-    method.to(device)
-    model = method.prepare(built.model.to(device))
+    model = built.model  # prepared by the method
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # torch.compile of a Module returns an OptimizedModule, itself a Module.
