@@ -137,21 +137,6 @@ def test_slurm_preset_becomes_the_expected_sbatch_options(
 
 
 @pytest.mark.slow
-def test_submitit_local_two_jobs_finish_with_their_metrics(tmp_path: Path) -> None:
-    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=1,2"]
-    done = run_cli(args + TINY + tracking_overrides(tmp_path), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    runs = _runs(_store(tmp_path))
-    assert sorted((r.data.tags["job_num"], r.data.tags["seed"]) for r in runs) == [
-        ("0", "1"),
-        ("1", "2"),
-    ]
-    _check_finished(_store(tmp_path), runs)
-    (sweep,) = {Path(r.data.tags["sweep_dir"]) for r in runs}
-    assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # each ran under submitit
-
-
-@pytest.mark.slow
 def test_joblib_four_at_a_time_eight_jobs_on_a_fresh_store(tmp_path: Path) -> None:
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "seed=range(1,9)"]
     done = run_cli(args + TINY + tracking_overrides(tmp_path), cwd=tmp_path)
@@ -163,9 +148,9 @@ def test_joblib_four_at_a_time_eight_jobs_on_a_fresh_store(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_submitit_sweep_with_one_failing_job_completes_and_reports_it(tmp_path: Path) -> None:
-    # The jobs are pickled and run in other processes: they still record their failure and use
-    # the store that the parent prepared. (The basic launcher's case is in test_run.py.)
+def test_submitit_local_sweep_two_jobs_finish_one_fails_and_is_reported(tmp_path: Path) -> None:
+    # The jobs are pickled and run in other processes: they log to the store that the parent
+    # prepared and still record their failure. (The basic launcher's case is in test_run.py.)
     args = ["-m", "hydra/launcher=submitit_local", "schedule.lr=0.05,1e30,0.1"]  # #1 diverges
     done = run_cli(args + TINY + tracking_overrides(tmp_path), cwd=tmp_path)
     assert done.returncode == 1, done.stderr
@@ -185,6 +170,7 @@ def test_submitit_sweep_with_one_failing_job_completes_and_reports_it(tmp_path: 
     _check_finished(_store(tmp_path), [by_job["0"], by_job["2"]])
     (sweep,) = {Path(r.data.tags["sweep_dir"]) for r in runs}
     assert [p.parent.name for p in sweep.glob("*/failed.txt")] == ["1"]
+    assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 3  # each ran under submitit
 
 
 @pytest.mark.slow

@@ -138,18 +138,6 @@ def test_same_seed_same_metrics_other_seed_different(tmp_path: Path) -> None:
     assert curve(by_job["0"]) != curve(by_job["2"])
 
 
-@pytest.mark.slow
-def test_joblib_multirun_on_fresh_store_finishes_every_job(tmp_path: Path) -> None:
-    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2"]
-    args += ["method=baseline", "dataset=synthetic", "schedule.epochs=1", "latency_repeats=1"]
-    done = run_cli(args + tracking_overrides(tmp_path), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    runs = _runs(tmp_path / "mlflow.db", "test")
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
-    assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"]
-    assert len({r.data.tags["sweep_dir"] for r in runs}) == 1
-
-
 def test_default_mlp_reaches_95_percent_on_digits(compose_cfg) -> None:
     cfg = compose_cfg(
         "method=baseline", "tracking=none", "objective=test/acc1", "latency_repeats=1"
