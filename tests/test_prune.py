@@ -402,6 +402,8 @@ def test_pruning_preset_composes_and_runs_on_synthetic_data_of_its_shape(
         "dataset.val_size=16",
         "schedule.epochs=1",
         "schedule.batch_size=16",
+        "pretrain_schedule.epochs=1",  # the dense start the preset trains first
+        "pretrain_schedule.batch_size=16",
         "method.schedule=oneshot",  # the preset's schedule needs its full length
         "tracking=none",
         "latency_repeats=1",
