@@ -32,6 +32,7 @@ from kdexp.config import flatten, validate
 from kdexp.errors import ConfigError
 from kdexp.lineage import INPUT_KEYS, PIPELINE_KEYS
 from kdexp.plots import accuracy_against_size
+from kdexp.report import markdown_table
 from kdexp.run import Job, RunResult, execute, needs_teacher
 
 log = logging.getLogger(__name__)
@@ -255,11 +256,7 @@ def write_summary(planned: list[Stage], results: dict[str, RunResult], folder: P
     with open(table, "w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
     markdown = folder / "pipeline_summary.md"
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [_format(value) for value in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    markdown.write_text("\n".join(lines) + "\n")
+    markdown.write_text(markdown_table(header, [[_format(v) for v in row] for row in rows]))
     plot = accuracy_against_size(
         [stage.name for stage in planned],
         [results[s.name].metrics.get("model/size_bytes", float("nan")) for s in planned],

@@ -168,16 +168,22 @@ def _cell(row: Row, metric: str) -> str:
     return f"{mean:,.0f}"
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of ``header`` and ``rows`` (cells as given, ``|`` escaped)."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)]) + "\n"
+
+
 def write_tables(rows: list[Row], folder: Path) -> list[Path]:
     """``comparison.md`` and ``comparison.csv`` (the CSV holds plain means and stds)."""
     folder.mkdir(parents=True, exist_ok=True)
     header = ["configuration", "seeds", *[c for c, _ in COLUMNS]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row.label, str(len(row.runs)), *[_cell(row, m) for _, m in COLUMNS]]
-        lines.append("| " + " | ".join(cells) + " |")
+    cells = [[row.label, str(len(row.runs)), *[_cell(row, m) for _, m in COLUMNS]] for row in rows]
     markdown = folder / "comparison.md"
-    markdown.write_text("\n".join(lines) + "\n")
+    markdown.write_text(markdown_table(header, cells))
     table = folder / "comparison.csv"
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from kdexp.report import markdown_table
+
 try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - hydra < 1.1
@@ -122,9 +124,7 @@ def write_jobs_table(rows: list[JobRow], folder: Path, objective: str | list[str
     with open(table, "w", newline="") as handle:
         csv.writer(handle).writerows([header, *cells])
     markdown = folder / "sweep_jobs.md"
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-    markdown.write_text("\n".join(lines) + "\n")
+    markdown.write_text(markdown_table(header, cells))
     return [table, markdown]
 
 
