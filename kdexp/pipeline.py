@@ -30,10 +30,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kdexp import distributed
 from kdexp.config import flatten, validate
 from kdexp.errors import ConfigError
+from kdexp.job import Execute, Job, RunResult
 from kdexp.lineage import INPUT_KEYS, PIPELINE_KEYS
+from kdexp.method.base import needs_of
 from kdexp.plots import accuracy_against_size
-from kdexp.report import markdown_table
-from kdexp.run import Job, RunResult, execute, needs_teacher
+from kdexp.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,9 @@ def _merge(base: DictConfig, stage: DictConfig, where: str) -> DictConfig:
                 merged[key] = OmegaConf.merge(merged[key], node)  # type: ignore[index]
             else:
                 merged[key] = node
-    if not needs_teacher(merged):  # the teacher a distillation stage brought is not this stage's
+    if not needs_of(
+        merged.method
+    ).teacher:  # the teacher a distillation stage brought is not this stage's
         merged = OmegaConf.masked_copy(merged, [str(k) for k in merged if k != "teacher"])
     return merged
 
@@ -153,7 +156,7 @@ def _stage_names(
     return names
 
 
-def run_pipeline(cfg: DictConfig, job: Job) -> RunResult:
+def run_pipeline(cfg: DictConfig, job: Job, execute: Execute) -> RunResult:
     """Run (or reuse) every stage of ``cfg``'s pipeline under one parent run; see the module."""
     if distributed.current() is not None:
         raise ConfigError(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kdexp.config import EXECUTION_KEYS
 from kdexp.errors import ConfigError
+from kdexp.tables import markdown_table
 from kdexp.tracking.query import RunRecord, load_runs, log_report
 
 #: Top-level keys whose params do not make a configuration different: the seed, and how a run
@@ -166,15 +167,6 @@ def _cell(row: Row, metric: str) -> str:
     if metric.endswith("latency_ms"):
         return f"{mean:.3f} ± {std:.3f}"
     return f"{mean:,.0f}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table of ``header`` and ``rows`` (cells as given, ``|`` escaped)."""
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)]) + "\n"
 
 
 def write_tables(rows: list[Row], folder: Path) -> list[Path]:

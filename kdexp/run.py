@@ -10,7 +10,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
@@ -30,9 +30,10 @@ from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
 from kdexp.export import check_config as check_export
 from kdexp.export import log_onnx
+from kdexp.job import Job, RunResult
 from kdexp.lineage import LINEAGE_TAG, lineage_key
-from kdexp.method.base import Method
-from kdexp.method.baseline import Baseline
+from kdexp.method.base import Method, Needs, needs_of
+from kdexp.pipeline import run_pipeline
 from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
@@ -41,7 +42,7 @@ from kdexp.stats import model_stats
 from kdexp.sweep import parent_run, record_job, sweep_id
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
-from kdexp.train import LoopOptions, evaluate, fit
+from kdexp.train import FitResult, LoopOptions, evaluate, evaluate_only, fit
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +64,6 @@ FINAL_METRICS = (
 
 
 @dataclass
-class Job:
-    """Who a run is: group names (run name and tags), its output folder, and extra tags."""
-
-    names: dict[str, str]
-    out_dir: Path
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class RunResult:
-    """What :func:`execute` leaves: the final metrics, the final model's checkpoint and lineage.
-
-    ``final_checkpoint`` is None for a reused run (its ``checkpoints/final.pt`` artifact holds it).
-    """
-
-    metrics: dict[str, float]
-    final_checkpoint: Path | None
-    run_id: str | None
-    lineage: str
-    reused: bool = False
-
-
-@dataclass
 class _Built:
     """A run ready to train: everything :func:`execute` builds before the loop starts."""
 
@@ -95,6 +73,7 @@ class _Built:
     criterion: nn.Module
     model: nn.Module  # on its device, prepared by the method
     method: Method
+    needs: Needs
     lineage: str
 
 
@@ -109,9 +88,7 @@ def run(cfg: DictConfig) -> float | list[float]:
     job = Job(group_names(cfg), _output_dir(), _hydra_tags())
     with distributed.session(cfg.device):  # a no-op unless launched by torchrun
         if OmegaConf.select(cfg, "pipeline") is not None:
-            from kdexp.pipeline import run_pipeline
-
-            result = run_pipeline(cfg, job)
+            result = run_pipeline(cfg, job, execute)
         else:
             result = execute(cfg, job, reuse_finished=bool(cfg.get("skip_finished", False)))
     objective: float | list[float]
@@ -149,14 +126,6 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
     return RunResult(metrics, None, found, built.lineage, reused=True)
 
 
-def needs_teacher(cfg: DictConfig) -> bool:
-    """Whether ``cfg``'s method distils from a teacher: a distillation method, or another method
-    with a ``distill`` sub-config (pruning or quantization while distilling)."""
-    method_class = get_class(cfg.method._target_)
-    distill = OmegaConf.select(cfg, "method.distill")
-    return bool(getattr(method_class, "uses_teacher", False)) or distill is not None
-
-
 def _build(cfg: DictConfig, job: Job) -> _Built:
     """Check ``cfg``, load the data, build the model and method, and load the inputs' weights.
 
@@ -166,8 +135,8 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     validate(cfg)
     check_export(cfg)
     _check_objective(cfg.objective)
-    method_class = get_class(cfg.method._target_)
-    uses_teacher = needs_teacher(cfg)
+    needs = needs_of(cfg.method)
+    uses_teacher = needs.teacher
     if uses_teacher and "teacher" not in cfg:
         raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
     if "teacher" in cfg and not uses_teacher:
@@ -177,12 +146,12 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
             "only for distillation methods: pick method=distill/<name>, or drop model@teacher",
         )
     ddp = distributed.current()
-    if ddp and not getattr(method_class, "supports_distributed", True):
+    if ddp and not needs.distributed:
         raise ConfigError(
             "method",
             job.names["method"],
-            "a method that trains alike on every rank under torchrun (its class sets "
-            "supports_distributed = False); run this one as a single process",
+            "a method that trains alike on every rank under torchrun (this one declares "
+            "Needs(distributed=False)); run it as a single process",
         )
     device = distributed.local_device(resolve_device(cfg.device))
     # Under torchrun only rank 0 talks to MLflow; the others record nothing.
@@ -199,7 +168,7 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     # The method checks its settings and layer names here, before any input is trained.
     method = instantiate(cfg.method)(data=data, criterion=criterion, **runtime)
     inputs: dict[str, str] = {}
-    if cfg.checkpoint is not None or getattr(method_class, "starts_from_trained", False):
+    if cfg.checkpoint is not None or needs.trained_start:
         # checkpoint=auto (or null) trains or reuses a baseline of the method's start config:
         # this run's, or another dataset's for fine-tuning; None: the model brought its weights.
         start = method.start_config(cfg) if cfg.checkpoint in (None, "auto") else cfg
@@ -216,7 +185,7 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
             inputs["checkpoint"] = weights.lineage
     # prepare checks what only the model can tell (layer names), before a teacher is trained.
     method.to(device)
-    model = method.prepare(model.to(device))
+    model = method.begin(model.to(device))
     if uses_teacher:
         name = job.names.get("teacher") or _target_name(cfg.teacher)
         weights = distributed.on_main(
@@ -225,47 +194,28 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
         load_weights(runtime["teacher"], weights.path, "teacher_checkpoint")
         inputs["teacher_checkpoint"] = weights.lineage
     lineage = lineage_key(cfg, inputs)
-    return _Built(tracker, device, data, criterion, model, method, lineage)
+    return _Built(tracker, device, data, criterion, model, method, needs, lineage)
 
 
 def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
-    """Train the built run in a tracked run of its own, evaluate the final model and log it."""
+    """Train the built run in a tracked run of its own, evaluate the final model and log it.
+
+    A method that does not train (``Needs.trains`` false) is validated once and finalized.
+    """
     tracker, device, data, method = built.tracker, built.device, built.data, built.method
     model = built.model  # prepared by the method
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    # torch.compile of a Module returns an OptimizedModule, itself a Module.
-    trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
-    trainable = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
-    params: list[Any] = method.param_groups(model, cfg.schedule.lr) or trainable
-    optimizer = instantiate(cfg.schedule.optimizer)(params=params)
-    # A method that does not train (post-training quantization) asks for fewer loop epochs; its
-    # schedule config stays as composed, for the baseline that checkpoint=auto may train.
-    epochs = getattr(method, "loop_epochs", None) or cfg.schedule.epochs
-    scheduler = instantiate(cfg.schedule.scheduler)(
-        optimizer,
-        epochs=epochs,
-        steps_per_epoch=len(data.train),  # type: ignore[arg-type]
+    resume_path = (
+        distributed.on_main(lambda: _resume_path(cfg, tracker)) if built.needs.trains else None
     )
-    resume_path = distributed.on_main(lambda: _resume_path(cfg, tracker))
     state = read_training_state(resume_path, "resume") if resume_path else None
     # A resumed run keeps writing into the folder of the checkpoint it carries on from.
     checkpoint_dir = resume_path.parent if resume_path else job.out_dir / "checkpoints"
-    options = LoopOptions(
-        epochs=epochs,
-        device=device,
-        grad_clip=cfg.schedule.grad_clip,
-        amp=cfg.amp,
-        channels_last=cfg.channels_last and device.type == "cuda",
-        log_every=cfg.log_every,
-        checkpoint_dir=checkpoint_dir if distributed.is_main() else None,
-        checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
-        on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
-    )
     names = {k: job.names[k] for k in ("method", "model", "dataset")}
     run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
     tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
-    if type(method) is Baseline and cfg.checkpoint is None:  # reusable as a teacher or start
+    if built.needs.is_baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)
     tags["kdexp.checkpoint"] = str((checkpoint_dir / "last.pt").resolve())
     resume_id = state.get("run_id") or None if state else None
@@ -276,22 +226,21 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     with tracker.run(
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
-        try:
-            ddp = distributed.current() is not None
-            front = distributed.wrap(trained, method, data.train, device) if ddp else None
-            result = fit(
-                trained, method, data, optimizer, scheduler, tracker, options, state, front
-            )
-        except Interrupted as stop:
-            stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
-            tracker.set_tags({"kdexp.resume": stop.command})
-            raise
+        if built.needs.trains:
+            try:
+                result = _fit(cfg, built, model, checkpoint_dir, state)
+            except Interrupted as stop:
+                stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
+                tracker.set_tags({"kdexp.resume": stop.command})
+                raise
+        else:
+            result = evaluate_only(model, method, data, tracker, device)
         if not distributed.is_main():  # rank 0 alone tests, measures and logs the final model
             final: dict[str, float] = distributed.from_main({})  # rank 0's final metrics
             return RunResult(final, checkpoint_dir / "final.pt", None, built.lineage)
-        if cfg.test_on == "best":
+        if cfg.test_on == "best" and built.needs.trains:
             model.load_state_dict(read_state_dict(checkpoint_dir / "best.pt", "test_on"))
-        model = method.finalize(model)
+        model = method.end(model)
         final_checkpoint = checkpoint_dir / "final.pt"
         save_checkpoint(final_checkpoint, model)
         test = evaluate(model, data.test, device, built.criterion)
@@ -303,7 +252,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
             "test/acc1": test["acc1"],
             "test/acc5": test["acc5"],
             **model_stats(model, data.input_shape, cfg.schedule.batch_size, cfg.latency_repeats),
-            **method.final_metrics(),
+            **method.summary(),
         }
         tracker.log_metrics(final, result.steps)
         tracker.flush()
@@ -311,7 +260,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         if OmegaConf.select(cfg, "export_onnx", default=False):
             log_onnx(tracker, model, _input_example(data.test), job.out_dir, result.steps)
         _log_artifacts(tracker, cfg, job.out_dir, result.history)
-        for path in method.write_artifacts(job.out_dir / "method"):
+        for path in method.artifacts(job.out_dir / "method"):
             tracker.log_artifact(path, "method")
     print(
         f"kdexp: {run_name}: test/acc1 {final['test/acc1']:.2f}%  "
@@ -320,6 +269,41 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         flush=True,
     )
     return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
+
+
+def _fit(
+    cfg: DictConfig,
+    built: _Built,
+    model: nn.Module,
+    checkpoint_dir: Path,
+    state: dict[str, Any] | None,
+) -> FitResult:
+    """Build the optimizer and LR schedule for ``model`` and the method, and run the loop."""
+    device, data, method = built.device, built.data, built.method
+    # torch.compile of a Module returns an OptimizedModule, itself a Module.
+    trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
+    trainable = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    params: list[Any] = method.param_groups(model, cfg.schedule.lr) or trainable
+    optimizer = instantiate(cfg.schedule.optimizer)(params=params)
+    scheduler = instantiate(cfg.schedule.scheduler)(
+        optimizer,
+        epochs=cfg.schedule.epochs,
+        steps_per_epoch=len(data.train),  # type: ignore[arg-type]
+    )
+    options = LoopOptions(
+        epochs=cfg.schedule.epochs,
+        device=device,
+        grad_clip=cfg.schedule.grad_clip,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last and device.type == "cuda",
+        log_every=cfg.log_every,
+        checkpoint_dir=checkpoint_dir if distributed.is_main() else None,
+        checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
+        on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
+    )
+    ddp = distributed.current() is not None
+    front = distributed.wrap(trained, method, data.train, device) if ddp else None
+    return fit(trained, method, data, optimizer, scheduler, built.tracker, options, state, front)
 
 
 def _check_objective(objective: object) -> None:
@@ -391,6 +375,7 @@ def _trained_weights(
         cfg=cfg,
         tracker=tracker,
         out_dir=job.out_dir,
+        execute=execute,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kdexp.report import markdown_table
+from kdexp.tables import markdown_table
 
 try:
     from hydra.experimental.callback import Callback

@@ -17,6 +17,7 @@ from torch import nn
 
 from kdexp.dataset.base import Data, TensorLoader
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step
 from kdexp.method.distill.at import AT, at_loss, attention_map
 from kdexp.method.distill.base import pool_to_common_size
 from kdexp.method.distill.crd import CRD, ContrastiveMemory, Embed, nce_contrast_loss
@@ -583,13 +584,13 @@ def _build(cls: type, layers: list[str] | None = None, **kwargs) -> tuple:
 
 
 def _step(method, student) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """One training step's loss terms (backpropagated) and the batch used."""
+    """One training step's loss terms (backpropagated) and the batch's sample indices."""
     method.train()
     student.train()
-    x, y = next(iter(method.data.train))
-    terms = method.loss(x, y, student(x))
+    x, y, rows = next(method.data.train.indexed())
+    terms = method.loss(x, y, student(x), Step(0, 0, rows=rows))
     sum(terms.values()).backward()
-    return terms, x, y
+    return terms, x, rows
 
 
 STAGES = ["stages.0", "stages.1", "stages.2"]
@@ -644,22 +645,22 @@ def test_fitnet_regressor_shapes() -> None:
     assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (8, 16)
 
 
-def test_dkd_warmup() -> None:
+def test_dkd_warmup_follows_the_step_context() -> None:
+    """w(e) = min((e + 1)/warmup, 1) with e the context's epoch: nothing counted on the side."""
     method, student, _ = _build(DKD, None, warmup=20)
     x, y = next(iter(method.data.train))
     with torch.no_grad():
         logits = student(x)
-        early = method.loss(x, y, logits)
-        method.epoch = 9
-        middle = method.loss(x, y, logits)
-        method.epoch = 40
-        late = method.loss(x, y, logits)
+        early = method.loss(x, y, logits, Step(epoch=0, step=0))
+        middle = method.loss(x, y, logits, Step(epoch=9, step=90))
+        late = method.loss(x, y, logits, Step(epoch=40, step=400))
+        again = method.loss(x, y, logits, Step(epoch=0, step=0))  # no state moved on
     for name in ("dkd_tckd", "dkd_nckd"):
         assert early[name].item() == pytest.approx(late[name].item() / 20, rel=1e-6)
         assert middle[name].item() == pytest.approx(late[name].item() / 2, rel=1e-6)
-    method.after_epoch(0)
-    assert method.warmup_factor() == pytest.approx(2 / 20)
-    assert _build(DKD, None, warmup=0)[0].warmup_factor() == 1.0
+        assert again[name].item() == early[name].item()
+    assert method.warmup_factor(1) == pytest.approx(2 / 20)
+    assert _build(DKD, None, warmup=0)[0].warmup_factor(0) == 1.0
 
 
 def test_crd_memory_follows_the_batch_rows() -> None:
@@ -667,8 +668,7 @@ def test_crd_memory_follows_the_batch_rows() -> None:
     assert method.memory.k == 23  # capped at N − 1
     assert method.memory.memory_s.shape == (24, 128)
     before = method.memory.memory_t.clone()
-    _step(method, student)
-    rows = method.data.train.last_rows
+    _, _, rows = _step(method, student)
     changed = (method.memory.memory_t != before).any(1)
     assert set(changed.nonzero().flatten().tolist()) == set(rows.tolist())
     assert method.memory.z_s.item() > 0
@@ -699,7 +699,7 @@ def test_method_config_errors(make, key: str) -> None:
 def test_crd_needs_sample_indices() -> None:
     student, teacher = _nets()
     data = _data()
-    data.train = list(data.train)  # batches without last_rows
+    data.train = list(data.train)  # batches without their sample indices
     with pytest.raises(ConfigError, match="sample indices"):
         CRD(
             data=data,

@@ -18,6 +18,7 @@ import kdexp.run
 from kdexp.checkpoint import save_checkpoint
 from kdexp.dataset.synthetic import load as synthetic
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step
 from kdexp.method.prune import Channel, Magnitude, Random, Sensitivity, Taylor, load_pruned
 from kdexp.model.mlp import MLP
 from kdexp.model.resnet_cifar import CifarResNet
@@ -65,7 +66,7 @@ def test_global_magnitude_masks_equal_torch_global_unstructured() -> None:
     reference = copy.deepcopy(model)
     method = Magnitude(data=data, criterion=CE, sparsity=0.7, epochs=1, schedule="oneshot")
     method.prepare(model)
-    method.after_step(0)
+    method.after_step(Step(0, 0))
     layers = [(m, "weight") for m in reference.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.7)
     names = ["0", "3", "8"]
@@ -81,7 +82,7 @@ def test_layerwise_scope_prunes_the_same_ratio_of_every_layer() -> None:
         data=data, criterion=CE, sparsity=0.6, epochs=1, schedule="oneshot", scope="layerwise"
     )
     method.prepare(model)
-    metrics = method.after_step(0)
+    metrics = method.after_step(Step(0, 0))
     assert metrics["sparsity/1"] == round(0.6 * 64 * 32) / (64 * 32)
     assert metrics["sparsity/3"] == round(0.6 * 32 * 10) / (32 * 10)
     # the pruned weights of each layer are its smallest ones
@@ -97,7 +98,7 @@ def test_other_criteria_prune_by_their_scores(criterion: type) -> None:
         data=data, criterion=CE, sparsity=0.5, epochs=1, schedule="oneshot", calibration_batches=3
     )
     method.prepare(model)
-    metrics = method.after_step(0)
+    metrics = method.after_step(Step(0, 0))
     assert metrics["sparsity/global"] == pytest.approx(0.5, abs=1e-3)
     if criterion is Random:
         return
@@ -123,9 +124,9 @@ def _train(method, model: nn.Module, data, epochs: int) -> list[tuple[int, dict[
     for _ in range(epochs):
         for x, y in data.train:
             optimizer.zero_grad()
-            sum(method.loss(x, y, model(x)).values()).backward()
+            sum(method.loss(x, y, model(x), Step(0, 0)).values()).backward()
             optimizer.step()
-            metrics = method.after_step(step)
+            metrics = method.after_step(Step(0, step))
             if "sparsity/global" in metrics:
                 logged.append((step, metrics))
             step += 1
@@ -181,7 +182,7 @@ def test_channel_pruning_shrinks_to_the_masked_model_and_reloads(tmp_path: Path)
     _randomise_bn(model)
     method = Channel(data=data, criterion=CE, sparsity=0.5, epochs=1, scope="layerwise")
     method.prepare(model)
-    metrics = method.after_step(0)
+    metrics = method.after_step(Step(0, 0))
     assert metrics["sparsity/0"] == 0.5 and metrics["sparsity/3"] == 0.5  # 4 of 8, 3 of 6
     # l1 importance: the filters of smallest L1 norm (the group's norms, normalised: same order
     # here except for the BN and the next layer's inputs, so check the pruned count and zeros)
@@ -208,7 +209,7 @@ def test_channel_pruning_of_resnet20_handles_residuals(importance: str, tmp_path
         data=data, criterion=CE, sparsity=0.5, epochs=1, importance=importance, scope="global"
     )
     method.prepare(model)
-    assert method.after_step(0)["sparsity/global"] == pytest.approx(0.5, abs=0.005)
+    assert method.after_step(Step(0, 0))["sparsity/global"] == pytest.approx(0.5, abs=0.005)
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     masked = model(x)
@@ -286,8 +287,8 @@ def test_prune_and_distill_compose_and_run(compose_cfg, tmp_path: Path) -> None:
     terms: list[set[str]] = []
     original = Magnitude.loss
 
-    def spy(self, inputs, targets, logits):
-        out = original(self, inputs, targets, logits)
+    def spy(self, inputs, targets, logits, ctx):
+        out = original(self, inputs, targets, logits, ctx)
         terms.append(set(out))
         return out
 
@@ -463,7 +464,7 @@ def test_masks_and_schedule_position_survive_a_state_dict_round_trip(kind: str) 
     trained = make()
     trained.prepare(model)
     for step in range(5):  # two mask updates (steps 0, 2, 4 of 0..6)
-        trained.after_step(step)
+        trained.after_step(Step(0, step))
     state = trained.state_dict()
     buffer = io.BytesIO()
     torch.save(state, buffer)  # the way a resume checkpoint stores it

@@ -39,8 +39,8 @@ class Data:
 class TensorLoader:
     """Batches from in-memory tensors: seeded shuffling and batch-wise augmentation.
 
-    ``last_rows`` holds the row indices of the batch most recently yielded, so that a method can
-    key per-sample state on it (cached teacher outputs, a contrastive memory bank).
+    :meth:`indexed` yields each batch with its row indices, which the training loop hands the
+    method in its step context (cached teacher outputs, a contrastive memory bank key on them).
     """
 
     def __init__(
@@ -57,7 +57,6 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.drop_last = drop_last
         self._generator = torch.Generator().manual_seed(seed)
-        self.last_rows: Tensor | None = None
 
     def __len__(self) -> int:
         n = len(self.targets)
@@ -72,6 +71,11 @@ class TensorLoader:
         self._generator.set_state(state["generator"])
 
     def __iter__(self) -> Iterator[Batch]:
+        for x, y, _ in self.indexed():
+            yield x, y
+
+    def indexed(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The batches with the indices of their rows in :attr:`inputs`."""
         n = len(self.targets)
         order = torch.randperm(n, generator=self._generator) if self.shuffle else None
         for i in range(len(self)):
@@ -82,12 +86,21 @@ class TensorLoader:
             else:
                 rows = order[start : start + self.batch_size]
                 x, y = self.inputs[rows], self.targets[rows]
-            self.last_rows = rows
             if self.augment == "crop_flip":
                 x = crop_flip(x, padding=4, generator=self._generator)
             elif self.augment == "flip":
                 x = random_flip(x, generator=self._generator)
-            yield x, y
+            yield x, y, rows
+
+
+def indexed(loader: Iterable[Batch]) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """``loader``'s batches with the indices of their samples in the split, or None where the
+    loader does not know them (a DataLoader over files)."""
+    if isinstance(loader, TensorLoader):
+        yield from loader.indexed()
+        return
+    for x, y in loader:
+        yield x, y, None
 
 
 def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdexp.dataset.base import TensorLoader
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step
 from kdexp.method.distill.base import Distiller
 
 
@@ -152,24 +154,24 @@ class CRD(Distiller):
         nce_momentum: float = 0.5,
         **kwargs: Any,
     ) -> None:
-        if beta < 0:
-            raise ConfigError("method.beta", beta, "a non-negative weight")
-        for key, value in (("method.feat_dim", feat_dim), ("method.nce_k", nce_k)):
-            if value < 1:
-                raise ConfigError(key, value, "a positive integer")
-        if not nce_t > 0:
-            raise ConfigError("method.nce_t", nce_t, "a positive temperature")
-        if not 0 <= nce_momentum < 1:
-            raise ConfigError("method.nce_momentum", nce_momentum, "a momentum in [0, 1)")
         super().__init__(**kwargs)
+        if beta < 0:
+            raise ConfigError(self.key_of("beta"), beta, "a non-negative weight")
+        for name, value in (("feat_dim", feat_dim), ("nce_k", nce_k)):
+            if value < 1:
+                raise ConfigError(self.key_of(name), value, "a positive integer")
+        if not nce_t > 0:
+            raise ConfigError(self.key_of("nce_t"), nce_t, "a positive temperature")
+        if not 0 <= nce_momentum < 1:
+            raise ConfigError(self.key_of("nce_momentum"), nce_momentum, "a momentum in [0, 1)")
         if len(self.student_layers) != 1:
             raise ConfigError(
-                "method.student_layers",
+                self.key_of("student_layers"),
                 self.student_layers,
                 "exactly one layer (the embedding to contrast, usually penultimate)",
             )
         train = self.data.train
-        if not hasattr(train, "last_rows"):
+        if not isinstance(train, TensorLoader):
             raise ConfigError(
                 "dataset",
                 type(train).__name__,
@@ -199,10 +201,11 @@ class CRD(Distiller):
         s_feats: list[Tensor],
         t_feats: list[Tensor],
         targets: Tensor,
+        ctx: Step,
     ) -> dict[str, Tensor]:
         """``crd``: β times the two-way NCE loss; updates the memory bank."""
         assert self.embed_s is not None and self.embed_t is not None and self.memory is not None
-        rows = getattr(self.data.train, "last_rows", None)
+        rows = ctx.rows
         if rows is None or len(rows) != len(targets):
             raise RuntimeError("CRD: the training batch's sample indices are not available")
         fs, ft = s_feats[0], t_feats[0]

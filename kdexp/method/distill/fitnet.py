@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step
 from kdexp.method.distill.base import Distiller, pool_to_common_size, require_layers
 
 
@@ -26,7 +27,9 @@ def hint_loss(student_proj: Tensor, teacher_feat: Tensor) -> Tensor:
     return F.mse_loss(student_proj, teacher_feat)
 
 
-def _regressor(s_shape: torch.Size, t_shape: torch.Size, layers: tuple[str, str]) -> nn.Module:
+def _regressor(
+    s_shape: torch.Size, t_shape: torch.Size, layers: tuple[str, str], key: str
+) -> nn.Module:
     """A 1×1 conv + BN between feature maps, or a linear map between flat features."""
     if len(s_shape) == 4 and len(t_shape) == 4:
         return nn.Sequential(
@@ -36,7 +39,7 @@ def _regressor(s_shape: torch.Size, t_shape: torch.Size, layers: tuple[str, str]
     if len(s_shape) == 2 and len(t_shape) == 2:
         return nn.Linear(s_shape[1], t_shape[1])
     raise ConfigError(
-        "method.teacher_layers",
+        key,
         layers[1],
         f"a layer of the same kind as student layer {layers[0]!r}: both b×c×h×w maps or both "
         f"flat, not {tuple(s_shape)} and {tuple(t_shape)}",
@@ -53,9 +56,9 @@ class FitNet(Distiller):
     """
 
     def __init__(self, *, beta: float = 100.0, **kwargs: Any) -> None:
-        if beta < 0:
-            raise ConfigError("method.beta", beta, "a non-negative weight")
         super().__init__(**kwargs)
+        if beta < 0:
+            raise ConfigError(self.key_of("beta"), beta, "a non-negative weight")
         require_layers(self, "FitNet")
         self.beta = beta
         self.regressors = nn.ModuleList()
@@ -65,7 +68,8 @@ class FitNet(Distiller):
         device = next(self.teacher.parameters()).device
         layers = zip(self.student_layers, self.teacher_layers, strict=True)
         self.regressors = nn.ModuleList(
-            _regressor(s, t, pair) for s, t, pair in zip(s_shapes, t_shapes, layers, strict=True)
+            _regressor(s, t, pair, self.key_of("teacher_layers"))
+            for s, t, pair in zip(s_shapes, t_shapes, layers, strict=True)
         ).to(device)
 
     def distill_terms(
@@ -75,6 +79,7 @@ class FitNet(Distiller):
         s_feats: list[Tensor],
         t_feats: list[Tensor],
         targets: Tensor,
+        ctx: Step,
     ) -> dict[str, Tensor]:
         """``feat``: β times the hint loss summed over the layer pairs."""
         total = s_logits.new_zeros((), dtype=torch.float32)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step
 from kdexp.method.distill.base import Distiller, require_layers
 
 
@@ -75,13 +76,10 @@ class RKD(Distiller):
     def __init__(
         self, *, distance_weight: float = 25.0, angle_weight: float = 50.0, **kwargs: Any
     ) -> None:
-        for key, value in (
-            ("method.distance_weight", distance_weight),
-            ("method.angle_weight", angle_weight),
-        ):
-            if value < 0:
-                raise ConfigError(key, value, "a non-negative weight")
         super().__init__(**kwargs)
+        for name, value in (("distance_weight", distance_weight), ("angle_weight", angle_weight)):
+            if value < 0:
+                raise ConfigError(self.key_of(name), value, "a non-negative weight")
         require_layers(self, "RKD")
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
@@ -92,6 +90,7 @@ class RKD(Distiller):
         s_feats: list[Tensor],
         t_feats: list[Tensor],
         targets: Tensor,
+        ctx: Step,
     ) -> dict[str, Tensor]:
         """``rkd_dist`` and ``rkd_angle`` (those with a non-zero weight), summed over layers."""
         pairs = [(fs.float(), ft.float()) for fs, ft in zip(s_feats, t_feats, strict=True)]

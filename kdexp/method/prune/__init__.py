@@ -11,7 +11,7 @@ An unstructured checkpoint loads into the dense architecture as is; a channel-pr
 """
 
 from kdexp.method.prune.base import Pruner
-from kdexp.method.prune.channel import Channel, load_pruned
+from kdexp.method.prune.channel import Channel
 from kdexp.method.prune.unstructured import (
     L1Regularization,
     Magnitude,
@@ -20,6 +20,7 @@ from kdexp.method.prune.unstructured import (
     Taylor,
     Unstructured,
 )
+from kdexp.surgery import load_pruned
 
 __all__ = [
     "Channel",
