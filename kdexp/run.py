@@ -458,7 +458,9 @@ def _hydra_tags() -> dict[str, str]:
     return tags
 
 
-def _log_artifacts(tracker, cfg: DictConfig, out_dir: Path, history: list[dict]) -> None:
+def _log_artifacts(
+    tracker: Tracker, cfg: DictConfig, out_dir: Path, history: list[dict[str, float]]
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = out_dir / "config_resolved.yaml"
     resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ class LoopOptions:
     on_nonfinite: str = "stop"  # "stop": raise FloatingPointError; "skip": drop the batch
 
 
-def _autocast(device: torch.device, amp: str | None):
+def _autocast(device: torch.device, amp: str | None) -> AbstractContextManager[Any]:
     if amp is None or device.type != "cuda":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

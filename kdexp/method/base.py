@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
@@ -130,6 +130,8 @@ class Method(nn.Module):
         if distill is not None:
             if teacher is None:  # the run passes one whenever needs().teacher
                 raise TypeError("a method with a distill component needs teacher=")
+            if isinstance(distill, DictConfig):  # under a method config with _recursive_: false
+                distill = instantiate(distill)
             self.distill = distill(
                 data=data, criterion=criterion, teacher=teacher, key=f"{key}.distill"
             )

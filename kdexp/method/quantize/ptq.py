@@ -89,7 +89,10 @@ class DynamicInt8(_PostTraining):
     @classmethod
     def needs(cls, cfg: DictConfig) -> Needs:
         """torch.onnx has no mapping for torch.ao's dynamic int8 Linear (linear_dynamic)."""
-        reason = "torch.onnx cannot export dynamic int8 layers"
+        reason = (
+            "torch.onnx cannot export dynamic int8 layers; method=quantize/ptq_int8 gives "
+            "static int8 layers that it can"
+        )
         return replace(super().needs(cfg), cannot_export={"onnx": reason})
 
     def check(self, model: nn.Module) -> None:

@@ -80,7 +80,10 @@ class QAT(QuantMethod):
         bits = cfg.get("bits", 4)
         if bits == 8:
             return needs
-        reason = f"method.bits={bits} stores packed weights that torch.onnx cannot export"
+        reason = (
+            f"method.bits={bits} stores packed weights that torch.onnx cannot export; "
+            "method.bits=8 or method=quantize/ptq_int8 give int8 layers that it can"
+        )
         return replace(needs, cannot_export={"onnx": reason})
 
     # -- the Method protocol ------------------------------------------------------------------
