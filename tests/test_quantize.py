@@ -25,10 +25,10 @@ from kdexp.method.quantize.fake import (
     qrange,
     quantize,
 )
-from kdexp.packed import PackedConv2d, PackedLinear, pack, unpack
 from kdexp.method.quantize.ptq import DynamicInt8, PTQInt8
 from kdexp.method.quantize.qat import QAT
 from kdexp.model.mlp import MLP
+from kdexp.packed import PackedConv2d, PackedLinear, pack, unpack
 from kdexp.run import run
 from kdexp.stats import size_bytes
 from kdexp.train import evaluate
