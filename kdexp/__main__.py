@@ -1,5 +1,5 @@
 """``python -m kdexp``: the same as the ``kdexp`` command."""
 
-from kdexp.cli import main
+from kdexp.cli import entry
 
-main()
+entry()

@@ -27,8 +27,11 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     SIGINT and SIGTERM stop training after the current step with a checkpoint, print how to
     resume, and exit with status 130 and 143 (128 + the signal number).
     """
+    from kdexp import timings
     from kdexp.resume import Interrupted
     from kdexp.run import run  # imported here so that `kdexp --help` stays fast
+
+    timings.mark_started()
 
     try:
         objective = run(cfg)
@@ -66,6 +69,22 @@ def main(cfg: DictConfig) -> float | list[float] | None:
         sys.exit(1)
 
 
+def entry() -> None:
+    """The console script: :func:`main`, then an exit that skips interpreter teardown.
+
+    The exit status is the one :func:`main` (or Hydra) chose; see :func:`kdexp.timings.exit_now`.
+    """
+    from kdexp.timings import exit_now
+
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            exit_now(stop.code or 0)
+        raise  # a message for the interpreter to print
+    exit_now(0)
+
+
 def _in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -99,4 +118,4 @@ def _remove_job_files() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

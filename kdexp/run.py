@@ -40,6 +40,7 @@ from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted
 from kdexp.stats import model_stats
 from kdexp.sweep import parent_run, record_job, sweep_id
+from kdexp.timings import phase  # perf (issue 15): KDEXP_TIMINGS=1 phase times
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
 from kdexp.train import FitResult, LoopOptions, evaluate, evaluate_only, fit
@@ -126,6 +127,7 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
     return RunResult(metrics, None, found, built.lineage, reused=True)
 
 
+@phase("build")
 def _build(cfg: DictConfig, job: Job) -> _Built:
     """Check ``cfg``, load the data, build the model and method, and load the inputs' weights.
 
@@ -243,7 +245,8 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         model = method.end(model)
         final_checkpoint = checkpoint_dir / "final.pt"
         save_checkpoint(final_checkpoint, model)
-        test = evaluate(model, data.test, device, built.criterion)
+        with phase("final evaluation"):
+            test = evaluate(model, data.test, device, built.criterion)
         final = {
             "best/val_acc1": result.best_val_acc1,
             "best/epoch": result.best_epoch,
@@ -271,6 +274,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
 
 
+@phase("train")
 def _fit(
     cfg: DictConfig,
     built: _Built,
@@ -458,6 +462,7 @@ def _hydra_tags() -> dict[str, str]:
     return tags
 
 
+@phase("artifacts")
 def _log_artifacts(
     tracker: Tracker, cfg: DictConfig, out_dir: Path, history: list[dict[str, float]]
 ) -> None:

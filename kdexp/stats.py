@@ -9,7 +9,12 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from kdexp.timings import phase
+
+#: Seconds of timed calls after which :func:`latency_ms` stops early (still at least
+#: ``min_repeats`` calls): a large model's twenty calls would otherwise cost seconds per run.
+LATENCY_BUDGET_S = 0.5
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -29,6 +34,8 @@ def size_bytes(model: nn.Module) -> int:
 
 def flops(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward pass on ``example`` (torch.utils.flop_counter; a MAC counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton where installed
+
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(example)
@@ -36,19 +43,31 @@ def flops(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def latency_ms(
-    model: nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3
+    model: nn.Module,
+    example: torch.Tensor,
+    repeats: int = 20,
+    warmup: int = 3,
+    budget_s: float = LATENCY_BUDGET_S,
+    min_repeats: int = 5,
 ) -> float:
-    """Median wall time in ms of ``repeats`` forward calls on ``example`` after ``warmup`` calls."""
-    times = []
+    """Median wall time in ms of ``repeats`` forward calls on ``example`` after ``warmup`` calls.
+
+    Timing stops early once the timed calls add up to ``budget_s`` seconds, after at least
+    ``min_repeats`` of them: the median of a slow model's first calls is already stable.
+    """
+    times: list[float] = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
             start = time.perf_counter()
             model(example)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
+                if len(times) >= min_repeats and sum(times) >= budget_s:
+                    break
     return 1000.0 * statistics.median(times)
 
 
+@phase("statistics")
 def model_stats(
     model: nn.Module, input_shape: tuple[int, ...], batch_size: int, repeats: int = 20
 ) -> dict[str, float]:

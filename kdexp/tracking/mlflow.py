@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdexp.errors import ConfigError
+from kdexp.timings import phase
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import Record, Spool
 
@@ -68,26 +69,63 @@ def prepare_store(uri: str | None, experiment: str, artifact_root: str | None = 
     creation and on creating the experiment.
     """
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     uri = uri or default_uri()
+    known = _EXPERIMENTS.get((uri, experiment))
+    if known is not None:
+        return known
     limit_http_retries(uri)
     check_reachable(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
+    if found is None:
+        try:
+            experiment_id = client.create_experiment(
+                experiment, artifact_location=_artifact_location(uri, artifact_root)
+            )
+        except MlflowException:  # another process created it first
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            experiment_id = found.experiment_id
+    else:
+        experiment_id = found.experiment_id
+    _EXPERIMENTS[(uri, experiment)] = experiment_id
+    return experiment_id
+
+
+# --- perf (issue 15): one client per store URI and one experiment lookup per process. MLflow
+# caches the store object behind a client; these spare the repeated lookups around it.
+_CLIENTS: dict[str, MlflowClient] = {}
+_EXPERIMENTS: dict[tuple[str, str], str] = {}
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """The process's client for the store at ``uri`` (created on first use)."""
+    client = _CLIENTS.get(uri)
+    if client is None:
+        from mlflow.tracking import MlflowClient
+
+        client = _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
+    return client
+
+
+def _known_requirements(packages: tuple[str, ...]) -> None:
+    """Tell MLflow which module each of ``packages`` provides before it logs a model.
+
+    MLflow checks the model's listed requirements against the environment through a map of every
+    installed distribution's files, which it builds on first use by reading them all (seconds in
+    a large environment). kdexp lists its requirements itself, so a map of those few is enough.
+    MLflow builds the full map if a later caller needs it (this only fills it while empty).
+    """
     try:
-        return client.create_experiment(
-            experiment, artifact_location=_artifact_location(uri, artifact_root)
-        )
-    except MlflowException:  # another process created it first
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise
-        return found.experiment_id
+        from mlflow.utils import requirements_utils
+    except ImportError:  # pragma: no cover - layout of another MLflow version
+        return
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", 0) is None:
+        requirements_utils._MODULES_TO_PACKAGES = {n: [n] for n in packages}  # type: ignore[assignment]
 
 
 def open_sweep_run(
@@ -98,11 +136,9 @@ def open_sweep_run(
     tags: Mapping[str, str],
 ) -> str:
     """Create a sweep's parent run (RUNNING) and return its id; its jobs nest under it."""
-    from mlflow.tracking import MlflowClient
-
     uri = uri or default_uri()
     experiment_id = prepare_store(uri, experiment, artifact_root)
-    run = MlflowClient(tracking_uri=uri).create_run(experiment_id, run_name=name, tags=dict(tags))
+    run = mlflow_client(uri).create_run(experiment_id, run_name=name, tags=dict(tags))
     return run.info.run_id
 
 
@@ -115,9 +151,8 @@ def close_sweep_run(
 ) -> None:
     """Log the sweep's job table and counts to its parent run and close it."""
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri or default_uri())
+    client = mlflow_client(uri or default_uri())
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     for path in paths:
@@ -223,10 +258,10 @@ class MlflowTracker(Tracker):
         """
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
-        experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
-        self._client = client = MlflowClient(tracking_uri=self.uri)
+        with phase("store"):  # the MLflow store's imports and schema check, the run's creation
+            experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
+            self._client = client = mlflow_client(self.uri)
         if resume_id is None:
             run_id = client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
         else:
@@ -257,7 +292,8 @@ class MlflowTracker(Tracker):
         finally:
             end = {"op": "status", "status": status, "end_time": int(time.time() * 1000)}
             self._spool.add(self._take_buffer() + [end])
-            self._deliver()
+            with phase("close"):
+                self._deliver()
             if self._spool.pending:
                 log.warning(
                     "tracking: %d records could not reach %s; they are kept in %s. Send them "
@@ -335,6 +371,7 @@ class MlflowTracker(Tracker):
         self._spool.add(self._take_buffer())
         self._deliver()
 
+    @phase("model logging")
     def log_model(self, model: nn.Module, input_example: np.ndarray) -> None:
         """Log ``model`` as the run's MLflow model ``model``: ``runs:/<run id>/model`` loads it.
 
@@ -367,6 +404,7 @@ class MlflowTracker(Tracker):
             # Created here, in the run's experiment: log_model alone would file the model under
             # the fluent API's current experiment (Default), where runs:/<id>/model misses it.
             experiment_id = client.get_run(run_id).info.experiment_id
+            _known_requirements(("torch", "mlflow"))
             failures = []
             for serialization in ("pt2", "pickle"):
                 logged = client.create_logged_model(
@@ -409,9 +447,7 @@ class MlflowTracker(Tracker):
 
     def find_finished(self, tags: Mapping[str, str]) -> str | None:
         """The newest FINISHED run of this experiment that carries all ``tags``."""
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=self.uri)
+        client = mlflow_client(self.uri)
         experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
         query = " and ".join(
             [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
@@ -423,9 +459,7 @@ class MlflowTracker(Tracker):
 
     def find_resumable(self, tags: Mapping[str, str]) -> str | None:
         """The newest KILLED or FAILED run of this experiment that carries all ``tags``."""
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=self.uri)
+        client = mlflow_client(self.uri)
         experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         found = client.search_runs(
@@ -436,19 +470,16 @@ class MlflowTracker(Tracker):
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of run ``run_id``."""
-        from mlflow.tracking import MlflowClient
-
-        return dict(MlflowClient(tracking_uri=self.uri).get_run(run_id).data.metrics)
+        return dict(mlflow_client(self.uri).get_run(run_id).data.metrics)
 
     def run_tag(self, run_id: str, tag: str, key: str) -> str | None:
         """The value of ``tag`` on run ``run_id``; a :class:`ConfigError` if there is no run."""
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         limit_http_retries(self.uri)
         check_reachable(self.uri)
         try:
-            run = MlflowClient(tracking_uri=self.uri).get_run(run_id)
+            run = mlflow_client(self.uri).get_run(run_id)
         except MlflowException:
             raise ConfigError(key, run_id, f"the id of a run in {self.uri}") from None
         return run.data.tags.get(tag)
@@ -456,12 +487,11 @@ class MlflowTracker(Tracker):
     def fetch(self, source: str, paths: tuple[str, ...], destination: Path, key: str) -> Path:
         """The first of ``paths`` held by run ``source`` (an id or ``runs:/<id>[/path]``)."""
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log noise
         run_id, _, inner = source.removeprefix("runs:/").partition("/")
         candidates = (inner,) if inner else paths
-        client = MlflowClient(tracking_uri=self.uri)
+        client = mlflow_client(self.uri)
         try:
             client.get_run(run_id)
         except MlflowException:

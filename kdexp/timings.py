@@ -1,0 +1,92 @@
+"""Where a run's wall time goes: phase timings behind ``KDEXP_TIMINGS=1``, and the fast exit.
+
+With ``KDEXP_TIMINGS=1`` in the environment, the phases of a run (imports, store, build, train,
+final evaluation, statistics, model logging, artifacts) are timed, and at exit one line
+``kdexp-timings: {json}`` goes to stderr with seconds per phase; ``bench/fixed_cost.py`` reads
+it. Without the variable :func:`phase` costs one dictionary lookup.
+
+:func:`exit_now` ends the ``kdexp`` process without tearing the interpreter down: with torch,
+MLflow and SQLAlchemy loaded, Python's module-by-module finalization takes longer than a small
+run's training (see the README's fixed-cost section).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+ENV = "KDEXP_TIMINGS"
+_enabled = os.environ.get(ENV, "") not in ("", "0")
+_seconds: dict[str, float] = {}
+
+
+def _process_start() -> float | None:
+    """The process's start as ``time.time()``, from /proc (Linux); None elsewhere."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return time.time() - uptime + int(fields[19]) / ticks  # field 22 of stat: starttime
+
+
+def mark_started() -> None:
+    """Record the imports phase: from the process's start until now (the job begins)."""
+    if _enabled and "imports" not in _seconds:
+        start = _process_start()
+        if start is not None:
+            _seconds["imports"] = time.time() - start
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` body to phase ``name`` (when timings are on)."""
+    if not _enabled:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _seconds[name] = _seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def report() -> dict[str, float]:
+    """Seconds per phase so far (empty when timings are off)."""
+    return dict(_seconds)
+
+
+def _print_report() -> None:
+    if _enabled:
+        stamp = {"exit_at": time.time()}  # the bench measures the exit from here
+        print(f"kdexp-timings: {json.dumps({**_seconds, **stamp})}", file=sys.stderr, flush=True)
+
+
+atexit.register(_print_report)
+
+
+def exit_now(code: int) -> None:
+    """Run the exit handlers, flush, and end the process at once with status ``code``.
+
+    Interpreter finalization (tearing down thousands of torch, MLflow and SQLAlchemy modules one
+    by one) is skipped; nothing of kdexp's is pending by then: the run closed FINISHED, every
+    record was sent, files are closed. Falls back to a normal exit when a non-daemon thread is
+    still alive (it would be killed), and when ``KDEXP_FAST_EXIT=0``.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if os.environ.get("KDEXP_FAST_EXIT", "1") == "0" or any(not t.daemon for t in others):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # logging.shutdown, the report above, any library's handlers
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
