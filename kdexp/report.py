@@ -22,8 +22,9 @@ from pathlib import Path
 
 from kdexp.config import EXECUTION_KEYS
 from kdexp.errors import ConfigError
+from kdexp.labels import named
 from kdexp.tables import markdown_table
-from kdexp.tracking.query import RunRecord, load_runs, log_report
+from kdexp.tracking.query import RunRecord, load_histories, load_runs, log_report
 
 #: Top-level keys whose params do not make a configuration different: the seed, and how a run
 #: is executed or recorded.
@@ -106,13 +107,25 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
     A point (x, y) is dominated when another has x' <= x (cost) and y' >= y (accuracy), one of
     them strictly. Equal points do not dominate each other, so both stay on the front.
+    One pass over the points sorted by cost (n log n: a store of thousands of configurations):
+    a point is on the front when it is the most accurate at its cost and more accurate than
+    every cheaper point.
     """
-    front = [
-        i
-        for i, (x, y) in enumerate(points)
-        if not any(a <= x and b >= y and (a, b) != (x, y) for a, b in points)
-    ]
-    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front: list[int] = []
+    cheaper_best = float("-inf")  # the best accuracy among strictly cheaper points
+    start = 0
+    while start < len(order):
+        x = points[order[start]][0]
+        end = start
+        while end < len(order) and points[order[end]][0] == x:
+            end += 1
+        top = points[order[start]][1]  # the most accurate at this cost
+        if top > cheaper_best:
+            front.extend(i for i in order[start:end] if points[i][1] == top)
+        cheaper_best = max(cheaper_best, top)
+        start = end
+    return front
 
 
 def _density(row: Row) -> float | None:
@@ -188,6 +201,21 @@ def write_tables(rows: list[Row], folder: Path) -> list[Path]:
     return [markdown, table]
 
 
+#: Metrics whose history the curve plots draw.
+_CURVES = ("val/acc1", "sparsity/global")
+
+
+def curve_rows(rows: Sequence[Row], accuracy: str = "test/acc1") -> set[str]:
+    """The labels of the rows whose curves the plots draw: the front of each cost and the best
+    (:func:`kdexp.labels.named`); every row when there are at most :data:`kdexp.labels.MOST`."""
+    from kdexp.labels import MOST
+
+    if len(rows) <= MOST:
+        return {row.label for row in rows}
+    on_fronts = [row for front in fronts(rows, accuracy).values() for row, _ in front]
+    return named(rows, on_fronts, accuracy)
+
+
 def write_plots(rows: list[Row], folder: Path, accuracy: str = "test/acc1") -> list[Path]:
     """Accuracy against parameters, size, latency and density (Pareto fronts marked); sparsity
     and validation curves."""
@@ -200,15 +228,24 @@ def write_plots(rows: list[Row], folder: Path, accuracy: str = "test/acc1") -> l
     written = []
     usable = [r for r in rows if accuracy in r.mean]
     marked = fronts(usable, accuracy)
+    drawn = curve_rows(rows, accuracy)
     fig, axes = plt.subplots(1, len(COSTS), figsize=(5.5 * len(COSTS), 5))
     for ax, (xlabel, name, cost) in zip(axes, COSTS, strict=True):
         xs = []
+        # Label policy (kdexp.labels): the front and the best are named, the rest are points.
+        shown = named(usable, [row for row, _ in marked[name]], accuracy)
+        plain: list[tuple[float, float]] = []
         for row in usable:
             x = cost(row)
             if x is not None:
                 xs.append(x)
+                if row.label not in shown:
+                    plain.append((x, row.mean[accuracy]))
+                    continue
                 ax.scatter(x, row.mean[accuracy])
                 ax.annotate(row.label, (x, row.mean[accuracy]), fontsize=7)
+        if plain:
+            ax.scatter(*zip(*plain, strict=True), s=6, color="0.6", zorder=0)
         if name in ("params", "size_bytes") and xs and min(xs) > 0 and max(xs) > 20 * min(xs):
             ax.set_xscale("log")  # a search's students span orders of magnitude in size
         front = marked[name]
@@ -226,8 +263,12 @@ def write_plots(rows: list[Row], folder: Path, accuracy: str = "test/acc1") -> l
         ("sparsity/global", "sparsity_curves.png", "sparsity"),
         ("val/acc1", "training_curves.png", "val/acc1 (%)"),
     ):
-        curves = [
-            (row.label, run) for row in rows for run in row.runs[:1] if metric in run.histories
+        curves = [  # the named rows only (kdexp.labels), whose histories main() read
+            (row.label, run)
+            for row in rows
+            if row.label in drawn
+            for run in row.runs[:1]
+            if metric in run.histories
         ]
         if not curves:
             continue
@@ -270,11 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         filters.append(f"tags.sweep_dir = '{Path(args.sweep_dir).resolve()}'")
     try:
         found = load_runs(
-            uri,
-            args.experiment,
-            " and ".join(filters),
-            histories=("val/acc1", "sparsity/global"),
-            statuses=("FINISHED", "FAILED"),
+            uri, args.experiment, " and ".join(filters), statuses=("FINISHED", "FAILED")
         )
         # A sweep's parent run (FAILED when a job failed) holds its job table, not results.
         runs = [r for r in found if r.tags.get("kdexp.role") != "sweep" and r.status == "FINISHED"]
@@ -287,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdexp-report: error: {error}", file=sys.stderr)
         return 2
     rows = group(runs)
+    # Histories only of the runs the curve plots draw: one request each, a bounded number.
+    drawn = curve_rows(rows, args.accuracy)
+    load_histories(uri, [r.runs[0] for r in rows if r.label in drawn], _CURVES)
     folder = Path(args.out or Path("outputs", "reports", args.experiment))
     paths = write_tables(rows, folder) + write_plots(rows, folder, args.accuracy)
     paths.append(write_pareto(rows, folder, args.accuracy))
