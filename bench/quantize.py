@@ -23,7 +23,7 @@ from kdexp.stats import latency_ms, size_bytes
 
 def _time(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: int) -> float:
     example = torch.randn(batch, *shape)
-    return latency_ms(model, example, repeats=repeats, warmup=3)
+    return latency_ms(model, example, repeats=repeats, warmup=3, budget_s=float("inf"))
 
 
 def _compare(name: str, fp32: nn.Module, int8: nn.Module, shape: tuple[int, ...], repeats: int):

@@ -1,0 +1,137 @@
+"""The fixed-cost and store-scale changes of issue 15: each against an independent reference."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdexp.labels import MOST, named
+from kdexp.report import Row, pareto_front
+from kdexp.stats import latency_ms
+
+
+def test_digits_read_directly_match_scikit_learn() -> None:
+    """The CSV read without importing scikit-learn gives load_digits' images and labels."""
+    from sklearn.datasets import load_digits
+
+    from kdexp.dataset.digits import _read_digits
+
+    pixels, labels = _read_digits()
+    reference = load_digits()
+    np.testing.assert_array_equal(pixels, reference.data.astype(np.float32))
+    np.testing.assert_array_equal(labels, reference.target)
+    assert pixels.dtype == np.float32 and labels.dtype == np.int64
+
+
+def _dominated_reference(points: list[tuple[float, float]]) -> list[int]:
+    """The definition, checked pair by pair (quadratic)."""
+    return [
+        i
+        for i, (x, y) in enumerate(points)
+        if not any(a <= x and b >= y and (a, b) != (x, y) for a, b in points)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_front_matches_the_pairwise_definition(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(200):
+        points = [(rng.randint(0, 5), rng.randint(0, 5)) for _ in range(rng.randint(0, 15))]
+        front = pareto_front(points)
+        assert sorted(front) == _dominated_reference(points)
+        assert [points[i][0] for i in front] == sorted(points[i][0] for i in front)
+
+
+def test_pareto_front_of_a_worked_example() -> None:
+    # (1, 50) cheapest; (2, 70) better; (2, 60) dominated by (2, 70); (3, 70) dominated by
+    # (2, 70); (4, 90) best; two equal (5, 95) both stay.
+    points = [(2, 60), (4, 90), (1, 50), (3, 70), (2, 70), (5, 95), (5, 95)]
+    assert pareto_front(points) == [2, 4, 1, 5, 6]
+
+
+def test_label_policy_names_the_best_and_the_front_and_no_more() -> None:
+    rows = [Row(f"c{i}", [], {"test/acc1": float(i)}, {}) for i in range(1000)]
+    front = [rows[i] for i in (3, 10, 500, 998)]
+    shown = named(rows, front, "test/acc1")
+    assert len(shown) <= MOST
+    assert {"c999", "c998", "c997", "c996", "c995"} <= shown  # the five best
+    assert {"c500", "c10", "c3"} <= shown  # the front
+    few = rows[:MOST]
+    assert named(few, [], "test/acc1") == {r.label for r in few}  # a few rows: all named
+
+
+class _Slow(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(0.02)  # 20 ms a call
+        return x
+
+
+def test_latency_stops_at_its_budget_after_the_minimum_calls() -> None:
+    model = _Slow()
+    latency_ms(model, torch.zeros(1), repeats=20, warmup=1, budget_s=0.01, min_repeats=4)
+    assert model.calls == 1 + 4  # warm-up, then the minimum: the budget was spent at once
+    fast = _Slow()
+    latency_ms(fast, torch.zeros(1), repeats=6, warmup=1, budget_s=100.0)
+    assert fast.calls == 1 + 6  # within budget: every repeat
+
+
+def test_exit_now_runs_the_handlers_and_keeps_the_status(tmp_path: Path) -> None:
+    code = (
+        "import atexit\n"
+        "from kdexp.timings import exit_now, phase\n"
+        "atexit.register(lambda: print('handler ran', flush=True))\n"
+        "with phase('work'):\n"
+        "    print('body', flush=True)\n"
+        "exit_now(3)\n"
+        "print('never')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"KDEXP_TIMINGS": "1", "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 3
+    assert done.stdout.split() == ["body", "handler", "ran"]
+    assert '"work":' in done.stderr and "kdexp-timings:" in done.stderr
+
+
+def test_load_runs_pages_through_the_store(tmp_path: Path, monkeypatch) -> None:
+    """Seven runs read three to a page: every run comes back once, with its params and tags;
+    a single status is filtered by the store."""
+    from mlflow.entities import Metric, Param
+
+    from kdexp.tracking import query
+    from kdexp.tracking.mlflow import mlflow_client, prepare_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = prepare_store(uri, "paged")
+    client = mlflow_client(uri)
+    ids = {}
+    for i in range(7):
+        run = client.create_run(experiment, tags={"n": str(i)})
+        client.log_batch(
+            run.info.run_id, metrics=[Metric("test/acc1", i, 0, 0)], params=[Param("p", str(i))]
+        )
+        client.set_terminated(run.info.run_id, "FAILED" if i == 6 else "FINISHED")
+        ids[run.info.run_id] = i
+    monkeypatch.setattr(query, "PAGE_SIZE", 3)
+    found = query.load_runs(uri, "paged")
+    assert sorted(ids[r.run_id] for r in found) == list(range(6))  # FAILED left out
+    assert all(r.params["p"] == r.tags["n"] == str(ids[r.run_id]) for r in found)
+    both = query.load_runs(uri, "paged", statuses=("FINISHED", "FAILED"))
+    assert len(both) == 7 and not any(r.histories for r in both)
