@@ -439,7 +439,11 @@ def test_config_keys_are_kwargs(path: Path) -> None:
     cfg = OmegaConf.load(path)
     module, _, func = cfg._target_.rpartition(".")
     params = inspect.signature(getattr(__import__(module, fromlist=[func]), func)).parameters
-    keys = {k for k in cfg if not k.startswith("_")}
+    # Keys of the file itself, and those its defaults list fills (augment@augment: crop_flip).
+    filled = [
+        str(next(iter(d))).rpartition("@")[2] for d in cfg.get("defaults", []) if d != "_self_"
+    ]
+    keys = {k for k in cfg if not k.startswith("_") and k != "defaults"} | set(filled)
     assert keys <= set(params) and "batch_size" not in keys and "seed" not in keys
     required = {k for k, p in params.items() if p.default is inspect.Parameter.empty}
     assert required - keys <= {"batch_size", "seed"}
@@ -463,16 +467,17 @@ def test_synthetic_config() -> None:
     assert sizes == {"train": 448, "val": 64, "test": 128}
 
 
-def test_torchvision_config(tmp_path: Path) -> None:
+def test_torchvision_config(compose_cfg, tmp_path: Path) -> None:
     _write_cifar(tmp_path, 10)
-    cfg = OmegaConf.load(CONF / "cifar10.yaml")
-    cfg.root, cfg.val_size = str(tmp_path), 10
-    data = hydra.utils.instantiate(cfg)(batch_size=16, seed=0)
+    cfg = compose_cfg("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.val_size=10")
+    data = hydra.utils.instantiate(cfg.dataset)(batch_size=16, seed=0)
     x, _ = next(iter(data.train))
     assert x.shape == (16, 3, 32, 32) and data.num_classes == 10
+    assert type(data.train.augment).__name__ == "CropFlip" and data.train.augment.padding == 4
 
 
-def test_imagefolder_config_requires_root() -> None:
+def test_imagefolder_config_requires_root(compose_cfg) -> None:
+    cfg = compose_cfg("dataset=imagefolder")
     with pytest.raises(ConfigError) as err:
-        hydra.utils.instantiate(OmegaConf.load(CONF / "imagefolder.yaml"))(batch_size=4, seed=0)
+        hydra.utils.instantiate(cfg.dataset)(batch_size=4, seed=0)
     assert err.value.key == "dataset.root" and "set dataset.root" in str(err.value)
