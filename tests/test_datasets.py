@@ -481,3 +481,20 @@ def test_imagefolder_config_requires_root(compose_cfg) -> None:
     with pytest.raises(ConfigError) as err:
         hydra.utils.instantiate(cfg.dataset)(batch_size=4, seed=0)
     assert err.value.key == "dataset.root" and "set dataset.root" in str(err.value)
+
+
+def test_augment_by_name_node_or_object_draws_the_same(compose_cfg) -> None:
+    from kdexp.dataset.augment import CropFlip
+
+    x = torch.arange(4 * 3 * 6 * 6, dtype=torch.float32).view(4, 3, 6, 6)
+    y = torch.arange(4)
+    node = compose_cfg("dataset=cifar10", "dataset.augment.padding=2").dataset.augment
+    batches = [
+        next(iter(TensorLoader(x, y, batch_size=4, augment=augment, seed=5)))[0]
+        for augment in ("crop_flip", CropFlip(padding=4), hydra.utils.instantiate(node))
+    ]
+    assert torch.equal(batches[0], batches[1]) and batches[0].shape == x.shape
+    assert not torch.equal(batches[0], batches[2])  # padding 2 draws offsets in 0..4, not 0..8
+    assert compose_cfg("dataset=cifar10", "dataset.augment=null").dataset.augment is None
+    with pytest.raises(ConfigError, match="dataset.augment='cutout': one of crop_flip, flip"):
+        TensorLoader(x, y, batch_size=4, augment="cutout")
