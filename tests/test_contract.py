@@ -219,14 +219,14 @@ class Largest(Unstructured):
 _TOY_YAML = {
     "method/distill/toy_l1.yaml": """
         defaults:
-          - override /model@_global_.teacher: mlp_1200
+          - /method/distill/_teacher
         _target_: toykd.methods.L1Logits
         _partial_: true
         beta: 0.5
     """,
     "method/prune/toy_largest.yaml": """
         defaults:
-          - /method/prune/magnitude@_here_
+          - /method/prune/_base@_here_
           - _self_
         _target_: toykd.methods.Largest
         schedule: oneshot
