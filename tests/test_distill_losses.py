@@ -744,9 +744,13 @@ def test_contrastive_memory_matches_the_reference_and_updates(positive: str) -> 
         torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
     # rows written: normalise(½ old + ½ new); other rows untouched
     for i, r in enumerate(rows.tolist()):
-        mixed = [0.5 * a + 0.5 * b for a, b in zip(_vec(old_s[r]), _vec(s[i]), strict=True)]
+        mixed = [
+            0.5 * a + 0.5 * b for a, b in zip(_vec(old_s[r]), _vec(s[i].detach()), strict=True)
+        ]
         torch.testing.assert_close(memory.memory_s[r], torch.tensor(_unit(mixed), dtype=D))
-        mixed = [0.5 * a + 0.5 * b for a, b in zip(_vec(old_t[r]), _vec(t[i]), strict=True)]
+        mixed = [
+            0.5 * a + 0.5 * b for a, b in zip(_vec(old_t[r]), _vec(t[i].detach()), strict=True)
+        ]
         torch.testing.assert_close(memory.memory_t[r], torch.tensor(_unit(mixed), dtype=D))
     untouched = [r for r in range(10) if r not in rows.tolist()]
     torch.testing.assert_close(memory.memory_s[untouched], old_s[untouched])
@@ -1013,6 +1017,9 @@ def test_dkd_warmup() -> None:
 def test_crd_memory_follows_the_batch_rows() -> None:
     method, student, _ = _build(CRD, ["penultimate"], nce_k=100)
     assert method.memory.k == 23  # capped at N − 1
+    # by default the reference's forms: positive from memory, negatives from other classes
+    assert method.memory.positive == "memory"
+    assert torch.equal(method.memory.labels, method.data.train.targets)
     assert method.memory.memory_s.shape == (24, 128)
     before = method.memory.memory_t.clone()
     _step(method, student)

@@ -69,6 +69,9 @@ class ContrastiveMemory(nn.Module):
     z_s: Tensor
     z_t: Tensor
     labels: Tensor | None
+    class_order: Tensor | None
+    class_start: Tensor | None
+    class_count: Tensor | None
 
     def __init__(
         self,
@@ -95,6 +98,10 @@ class ContrastiveMemory(nn.Module):
             if len(labels.unique()) < 2:
                 raise ValueError("negatives from other classes need at least two classes")
             labels = labels.long()
+        # samples sorted by class: class c's negatives are all positions outside its block
+        order = torch.argsort(labels, stable=True) if labels is not None else None
+        count = torch.bincount(labels) if labels is not None else None
+        start = torch.cumsum(count, 0) - count if count is not None else None
         self.n_samples, self.dim, self.k = n_samples, dim, k
         self.tau, self.momentum, self.positive = tau, momentum, positive
         self.generator = generator
@@ -105,6 +112,9 @@ class ContrastiveMemory(nn.Module):
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
         self.register_buffer("labels", labels, persistent=False)
+        self.register_buffer("class_order", order, persistent=False)
+        self.register_buffer("class_start", start, persistent=False)
+        self.register_buffer("class_count", count, persistent=False)
         self._z_known = False  # spares a device sync per step once Z is known
 
     def sample_negatives(self, rows: Tensor) -> Tensor:
@@ -118,17 +128,27 @@ class ContrastiveMemory(nn.Module):
                 0, self.n_samples - 1, shape, generator=self.generator, device=rows.device
             )
             return (neg + (neg >= rows[:, None]).long()).to(device)
-        labels = self.labels.to(rows.device)
-        allowed = (labels[None, :] != labels[rows][:, None]).float()
-        replace = allowed.sum(1) < self.k
-        neg = torch.empty(len(rows), self.k, dtype=torch.long, device=rows.device)
-        for flag in (False, True):
-            chosen = replace == flag
-            if chosen.any():
-                neg[chosen] = torch.multinomial(
-                    allowed[chosen], self.k, replacement=flag, generator=self.generator
-                )
-        return neg.to(device)
+        return self._other_class_negatives(rows).to(device)
+
+    def _other_class_negatives(self, rows: Tensor) -> Tensor:
+        """``K`` samples of other classes per anchor: a uniform random subset, or uniform draws
+        with replacement where the anchor's class has fewer than ``K`` negatives."""
+        assert self.labels is not None and self.class_order is not None
+        assert self.class_start is not None and self.class_count is not None
+        device = rows.device
+        cls = self.labels.to(device)[rows]
+        start, count = self.class_start.to(device)[cls], self.class_count.to(device)[cls]
+        g = self.generator
+        picks = []
+        for n in (self.n_samples - count).tolist():  # how many negatives each anchor has
+            if self.k <= n:
+                picks.append(torch.randperm(n, generator=g, device=device)[: self.k])
+            else:
+                picks.append(torch.randint(0, n, (self.k,), generator=g, device=device))
+        # position among the negatives -> position in the class-sorted order, skipping the block
+        pos = torch.stack(picks)
+        pos = pos + (pos >= start[:, None]).long() * count[:, None]
+        return self.class_order.to(device)[pos]
 
     def forward(self, s_emb: Tensor, t_emb: Tensor, rows: Tensor) -> Tensor:
         """The CRD loss for unit-norm embeddings ``b×dim`` of dataset samples ``rows``."""
@@ -158,12 +178,11 @@ class ContrastiveMemory(nn.Module):
                     if z < 0:
                         z.fill_(scores.mean() * self.n_samples)
             self._z_known = True
-        loss = 0.0
-        for scores, z in ((scores_s, self.z_s), (scores_t, self.z_t)):
-            h = scores / z
-            loss = loss + nce_contrast_loss(h[:, 0], h[:, 1:], self.n_samples)
+        h_s, h_t = scores_s / self.z_s, scores_t / self.z_t
+        loss = nce_contrast_loss(h_s[:, 0], h_s[:, 1:], self.n_samples)
+        loss = loss + nce_contrast_loss(h_t[:, 0], h_t[:, 1:], self.n_samples)
         self._update(rows, s_emb, t_emb)
-        return loss  # type: ignore[return-value]
+        return loss
 
     def _scores(self, memory: Tensor, idx: Tensor, anchors: Tensor) -> Tensor:
         """``exp(memory[idx]ᵀ anchor / τ)``: ``b×n`` scores for ``b×n`` indices."""
