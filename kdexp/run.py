@@ -37,7 +37,7 @@ from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted
-from kdexp.stats import model_stats
+from kdexp.stats import compression_metrics, model_stats
 from kdexp.sweep import parent_run, record_job, sweep_id
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
@@ -56,6 +56,8 @@ FINAL_METRICS = (
     "model/params",
     "model/nonzero_params",
     "model/size_bytes",
+    "model/compressed_bytes",  # issue 18: kdexp.compress format; ratio vs the dense fp32 start
+    "model/compression_ratio",
     "model/flops",
     "model/latency_ms",
     "model/latency_ms_batch",
@@ -305,6 +307,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
             **model_stats(model, data.input_shape, cfg.schedule.batch_size, cfg.latency_repeats),
             **method.final_metrics(),
         }
+        final.update(compression_metrics(model, final))  # issue 18: after the method's counts
         tracker.log_metrics(final, result.steps)
         tracker.flush()
         tracker.log_model(model, _input_example(data.test))

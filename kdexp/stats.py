@@ -6,6 +6,7 @@ import copy
 import io
 import statistics
 import time
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -67,4 +68,22 @@ def model_stats(
         "model/flops": flops(cpu, one),
         "model/latency_ms": latency_ms(cpu, one, repeats),
         "model/latency_ms_batch": latency_ms(cpu, batch, max(3, repeats // 4)),
+    }
+
+
+def compression_metrics(model: nn.Module, metrics: Mapping[str, float]) -> dict[str, float]:
+    """``model/compressed_bytes`` (the final model in :mod:`kdexp.compress`'s format) and
+    ``model/compression_ratio``: the dense fp32 start's bytes over it.
+
+    The dense fp32 start is 4 bytes × the parameters of the model the run started from:
+    ``model/dense_params`` where the method logs it (pruning: the model before pruning, wider
+    for channel pruning), else ``model/params`` (quantization logs the fp32 count there).
+    """
+    from kdexp.compress import compressed_size
+
+    compressed = compressed_size(copy.deepcopy(model).cpu())
+    dense = metrics.get("model/dense_params", metrics.get("model/params", 0))
+    return {
+        "model/compressed_bytes": compressed,
+        "model/compression_ratio": 4 * float(dense) / compressed,
     }
