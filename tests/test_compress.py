@@ -5,6 +5,7 @@ read back from MLflow."""
 
 from __future__ import annotations
 
+import csv
 import struct
 from pathlib import Path
 
@@ -39,7 +40,9 @@ from kdexp.method.quantize.weight_sharing import (
     kmeans_1d,
     load_shared,
 )
+from kdexp.report import main as report_main
 from kdexp.run import FINAL_METRICS, run
+from kdexp.tracking.mlflow import MlflowTracker
 from tests.conftest import tracking_overrides
 
 CE = nn.CrossEntropyLoss()
@@ -322,3 +325,36 @@ def test_run_logs_compressed_bytes_and_ratio(compose_cfg, tmp_path: Path) -> Non
     )
     assert metrics["model/compression_ratio"] > 5  # 4-bit indices against fp32
     assert {"model/compressed_bytes", "model/compression_ratio"} <= set(FINAL_METRICS)
+
+
+@pytest.mark.slow
+def test_report_puts_size_on_the_chosen_basis(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    # (method, test/acc1, torch.save bytes, compressed bytes): the pruned model is as big as the
+    # dense one stored dense, and 10x smaller compressed.
+    for method, acc, dense, small in (("dense", 90.0, 1000, 900), ("pruned", 89.0, 1000, 100)):
+        tracker = MlflowTracker(uri=uri, experiment="rep")
+        tags = {"method": method, "model": "mlp", "dataset": "digits"}
+        with tracker.run(method, {"seed": 0, "method._target_": method}, tags):
+            tracker.log_metrics(
+                {
+                    "test/acc1": acc,
+                    "model/size_bytes": dense,
+                    "model/compressed_bytes": small,
+                    "model/compression_ratio": 1000 / small,
+                },
+                1,
+            )
+    fronts = {}
+    for size in ("dense", "compressed"):
+        out = tmp_path / size
+        assert report_main(["--experiment", "rep", "--tracking-uri", uri, "--out", str(out),
+                            "--size", size]) == 0  # fmt: skip
+        rows = list(csv.DictReader((out / "pareto.csv").open()))
+        fronts[size] = {(r["cost"], r["configuration"].split(" / ")[0]) for r in rows}
+    # Dense basis: same size, the dense model is more accurate: it alone is on the front.
+    assert {m for c, m in fronts["dense"] if c == "size_bytes"} == {"dense"}
+    # Compressed basis: the pruned model is 9x smaller: both are on the front.
+    assert {m for c, m in fronts["compressed"] if c == "compressed_bytes"} == {"dense", "pruned"}
+    table = (tmp_path / "dense" / "comparison.md").read_text()
+    assert "compressed (bytes)" in table and "10.0 ± 0.0×" in table
