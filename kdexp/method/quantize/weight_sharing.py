@@ -61,7 +61,15 @@ class _Shared:
     def shared_weight(self) -> Tensor:
         """``[0, C_0, C_1, ...][indices]``: the weight, differentiable in the centroids."""
         table = torch.cat([self.codebook.new_zeros(1), self.codebook])
-        return table[self.indices.long()]
+        # index_select's backward adds each weight's gradient into its centroid's. The int32 copy
+        # of the indices is kept between calls (converting uint8 on every call dominated the
+        # stored model's CPU latency) and redone when the indices change (load_state_dict).
+        key = (self.indices.data_ptr(), self.indices._version, self.indices.device)
+        cached = self.__dict__.get("_flat_indices")
+        if cached is None or cached[0] != key:
+            cached = (key, self.indices.reshape(-1).to(torch.int32))
+            self.__dict__["_flat_indices"] = cached
+        return table.index_select(0, cached[1]).view(self.indices.shape)
 
 
 class SharedConv2d(nn.Conv2d, _Shared):
