@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
+import math
 import statistics
 import time
 from collections.abc import Mapping
@@ -11,6 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+log = logging.getLogger(__name__)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -81,7 +85,11 @@ def compression_metrics(model: nn.Module, metrics: Mapping[str, float]) -> dict[
     """
     from kdexp.compress import compressed_size
 
-    compressed = compressed_size(copy.deepcopy(model).cpu())
+    try:
+        compressed = compressed_size(copy.deepcopy(model).cpu())
+    except TypeError as error:  # a state_dict entry the format cannot hold: the run still ends
+        log.warning("model/compressed_bytes not measured: %s", error)
+        return {"model/compressed_bytes": math.nan, "model/compression_ratio": math.nan}
     dense = metrics.get("model/dense_params", metrics.get("model/params", 0))
     return {
         "model/compressed_bytes": compressed,

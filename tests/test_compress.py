@@ -42,6 +42,7 @@ from kdexp.method.quantize.weight_sharing import (
 )
 from kdexp.report import main as report_main
 from kdexp.run import FINAL_METRICS, run
+from kdexp.stats import compression_metrics
 from kdexp.tracking.mlflow import MlflowTracker
 from tests.conftest import tracking_overrides
 
@@ -358,3 +359,22 @@ def test_report_puts_size_on_the_chosen_basis(tmp_path: Path) -> None:
     assert {m for c, m in fronts["compressed"] if c == "compressed_bytes"} == {"dense", "pruned"}
     table = (tmp_path / "dense" / "comparison.md").read_text()
     assert "compressed (bytes)" in table and "10.0 ± 0.0×" in table
+
+
+def test_compression_metrics_use_the_dense_start_and_survive_odd_state() -> None:
+    model = _pruned(0.8)
+    size = compressed_size(model)
+    quantized_counts = {"model/params": 1000}
+    assert compression_metrics(model, quantized_counts) == {
+        "model/compressed_bytes": size,
+        "model/compression_ratio": 4000 / size,
+    }
+    pruned_counts = {"model/params": 1000, "model/dense_params": 3000}  # channel pruning
+    assert compression_metrics(model, pruned_counts)["model/compression_ratio"] == 12000 / size
+
+    class WithExtraState(nn.Linear):
+        def get_extra_state(self) -> dict:
+            return {"note": "a dict the format does not store"}
+
+    odd = compression_metrics(WithExtraState(2, 2), {"model/params": 6})
+    assert all(np.isnan(v) for v in odd.values())  # logged as NaN; the run still ends
