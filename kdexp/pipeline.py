@@ -45,6 +45,8 @@ SUMMARY_METRICS = (
     ("params", "model/params"),
     ("nonzero params", "model/nonzero_params"),
     ("size (bytes)", "model/size_bytes"),
+    ("compressed (bytes)", "model/compressed_bytes"),  # kdexp.compress format
+    ("compression ratio", "model/compression_ratio"),
     ("latency (ms)", "model/latency_ms"),
 )
 
@@ -265,6 +267,7 @@ def write_summary(planned: list[Stage], results: dict[str, RunResult], folder: P
         [results[s.name].metrics.get("model/size_bytes", float("nan")) for s in planned],
         [results[s.name].metrics.get("test/acc1", float("nan")) for s in planned],
         folder / "pipeline_accuracy_size.png",
+        [results[s.name].metrics.get("model/compressed_bytes", float("nan")) for s in planned],
     )
     return [table, markdown, plot]
 

@@ -28,15 +28,26 @@ def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
 
 
 def accuracy_against_size(
-    labels: list[str], sizes: list[float], accuracies: list[float], path: Path
+    labels: list[str],
+    sizes: list[float],
+    accuracies: list[float],
+    path: Path,
+    compressed: list[float] | None = None,
 ) -> Path:
     """Test accuracy against model size (bytes, log scale), one labelled point per stage, joined
-    in order: how a compression pipeline trades accuracy for size."""
+    in order: how a compression pipeline trades accuracy for size. ``sizes`` are torch.save's
+    (dense: zeros included); ``compressed``, if given, the kdexp.compress format's, drawn too."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot(sizes, accuracies, marker="o", color="tab:blue")
-    for label, size, accuracy in zip(labels, sizes, accuracies, strict=True):
-        ax.annotate(label, (size, accuracy), textcoords="offset points", xytext=(5, 5))
+    series = [("torch.save (dense)", sizes, "tab:blue")]
+    if compressed is not None:
+        series.append(("compressed (kdexp.compress)", compressed, "tab:orange"))
+    for name, values, color in series:
+        ax.plot(values, accuracies, marker="o", color=color, label=name)
+        for label, size, accuracy in zip(labels, values, accuracies, strict=True):
+            ax.annotate(label, (size, accuracy), textcoords="offset points", xytext=(5, 5))
     ax.set(xlabel="model size (bytes)", ylabel="test/acc1 (%)", title="accuracy against size")
+    if compressed is not None:
+        ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -36,6 +36,8 @@ COLUMNS = (
     ("params", "model/params"),
     ("nonzero params", "model/nonzero_params"),
     ("size (bytes)", "model/size_bytes"),
+    ("compressed (bytes)", "model/compressed_bytes"),
+    ("compression ratio", "model/compression_ratio"),
     ("latency (ms)", "model/latency_ms"),
     ("FLOPs", "model/flops"),
 )
@@ -121,37 +123,56 @@ def _density(row: Row) -> float | None:
     return row.mean["model/nonzero_params"] / row.mean["model/params"]
 
 
-#: (axis label, short name, cost) of the accuracy-against-cost plots and of ``pareto.csv``.
-COSTS: tuple[tuple[str, str, Callable[[Row], float | None]], ...] = (
-    ("parameters", "params", lambda r: r.mean.get("model/params")),
-    ("model size (bytes)", "size_bytes", lambda r: r.mean.get("model/size_bytes")),
-    ("latency at batch 1 (ms)", "latency_ms", lambda r: r.mean.get("model/latency_ms")),
-    ("density (nonzero / params)", "density", _density),
-)
+#: ``--size``: the basis of the size axis, as (axis label, short name, metric). ``dense`` is the
+#: state_dict as torch.save writes it (zeros included); ``compressed``, the :mod:`kdexp.compress`
+#: format (sparse layout, values at their bit width, entropy-coded).
+SIZE_BASES = {
+    "dense": ("model size, torch.save (bytes)", "size_bytes", "model/size_bytes"),
+    "compressed": ("model size, compressed (bytes)", "compressed_bytes", "model/compressed_bytes"),
+}
+
+
+def costs(size: str = "dense") -> tuple[tuple[str, str, Callable[[Row], float | None]], ...]:
+    """(axis label, short name, cost) of the accuracy-against-cost plots and of ``pareto.csv``,
+    with model size on the ``size`` basis of :data:`SIZE_BASES`."""
+    label, name, metric = SIZE_BASES[size]
+    return (
+        ("parameters", "params", lambda r: r.mean.get("model/params")),
+        (label, name, lambda r: r.mean.get(metric)),
+        ("latency at batch 1 (ms)", "latency_ms", lambda r: r.mean.get("model/latency_ms")),
+        ("density (nonzero / params)", "density", _density),
+    )
+
+
+COSTS = costs("dense")
 #: Metrics ``--accuracy`` may put on the y axis (all are aggregated as table columns).
 ACCURACIES = ("test/acc1", "best/val_acc1", "last/val_acc1")
 
 
-def fronts(rows: Sequence[Row], accuracy: str = "test/acc1") -> dict[str, list[tuple[Row, float]]]:
-    """For each cost of :data:`COSTS`, the rows on the Pareto front of ``accuracy`` against it,
-    each with its cost, by increasing cost."""
+def fronts(
+    rows: Sequence[Row], accuracy: str = "test/acc1", size: str = "dense"
+) -> dict[str, list[tuple[Row, float]]]:
+    """For each cost of :func:`costs` (size on the ``size`` basis), the rows on the Pareto front
+    of ``accuracy`` against it, each with its cost, by increasing cost."""
     found = {}
-    for _, name, cost in COSTS:
-        costs = [(r, cost(r)) for r in rows if accuracy in r.mean]
-        usable = [(r, x) for r, x in costs if x is not None]
+    for _, name, cost in costs(size):
+        measured = [(r, cost(r)) for r in rows if accuracy in r.mean]
+        usable = [(r, x) for r, x in measured if x is not None]
         points = [(x, r.mean[accuracy]) for r, x in usable]
         found[name] = [(usable[i][0], points[i][0]) for i in pareto_front(points)]
     return found
 
 
-def write_pareto(rows: Sequence[Row], folder: Path, accuracy: str = "test/acc1") -> Path:
+def write_pareto(
+    rows: Sequence[Row], folder: Path, accuracy: str = "test/acc1", size: str = "dense"
+) -> Path:
     """``pareto.csv``: one line per (cost, configuration on that cost's front), with the run ids."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pareto.csv"
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["cost", "configuration", accuracy, "cost value", "run ids"])
-        for name, front in fronts(rows, accuracy).items():
+        for name, front in fronts(rows, accuracy, size).items():
             for row, x in front:
                 ids = " ".join(run.run_id for run in row.runs)
                 writer.writerow([name, row.label, row.mean[accuracy], x, ids])
@@ -166,6 +187,8 @@ def _cell(row: Row, metric: str) -> str:
         return f"{mean:.2f} ± {std:.2f}"
     if metric.endswith("latency_ms"):
         return f"{mean:.3f} ± {std:.3f}"
+    if metric.endswith("ratio"):
+        return f"{mean:.1f} ± {std:.1f}×"
     return f"{mean:,.0f}"
 
 
@@ -188,7 +211,9 @@ def write_tables(rows: list[Row], folder: Path) -> list[Path]:
     return [markdown, table]
 
 
-def write_plots(rows: list[Row], folder: Path, accuracy: str = "test/acc1") -> list[Path]:
+def write_plots(
+    rows: list[Row], folder: Path, accuracy: str = "test/acc1", size: str = "dense"
+) -> list[Path]:
     """Accuracy against parameters, size, latency and density (Pareto fronts marked); sparsity
     and validation curves."""
     import matplotlib
@@ -199,9 +224,10 @@ def write_plots(rows: list[Row], folder: Path, accuracy: str = "test/acc1") -> l
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     usable = [r for r in rows if accuracy in r.mean]
-    marked = fronts(usable, accuracy)
-    fig, axes = plt.subplots(1, len(COSTS), figsize=(5.5 * len(COSTS), 5))
-    for ax, (xlabel, name, cost) in zip(axes, COSTS, strict=True):
+    marked = fronts(usable, accuracy, size)
+    chosen = costs(size)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(5.5 * len(chosen), 5))
+    for ax, (xlabel, name, cost) in zip(axes, chosen, strict=True):
         xs = []
         for row in usable:
             x = cost(row)
@@ -209,7 +235,8 @@ def write_plots(rows: list[Row], folder: Path, accuracy: str = "test/acc1") -> l
                 xs.append(x)
                 ax.scatter(x, row.mean[accuracy])
                 ax.annotate(row.label, (x, row.mean[accuracy]), fontsize=7)
-        if name in ("params", "size_bytes") and xs and min(xs) > 0 and max(xs) > 20 * min(xs):
+        sized = name in ("params", "size_bytes", "compressed_bytes")
+        if sized and xs and min(xs) > 0 and max(xs) > 20 * min(xs):
             ax.set_xscale("log")  # a search's students span orders of magnitude in size
         front = marked[name]
         if front:
@@ -261,6 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=ACCURACIES,
         help="the accuracy of the Pareto plots and pareto.csv (best/val_acc1 for a search)",
     )
+    parser.add_argument(
+        "--size",
+        default="dense",
+        choices=tuple(SIZE_BASES),
+        help="model size in the plots and pareto.csv: dense (torch.save of the state_dict, zeros "
+        "included) or compressed (kdexp.compress: sparse, at bit width, entropy-coded)",
+    )
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_uri()
     filters = [args.filter] if args.filter else []
@@ -288,8 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = group(runs)
     folder = Path(args.out or Path("outputs", "reports", args.experiment))
-    paths = write_tables(rows, folder) + write_plots(rows, folder, args.accuracy)
-    paths.append(write_pareto(rows, folder, args.accuracy))
+    paths = write_tables(rows, folder) + write_plots(rows, folder, args.accuracy, args.size)
+    paths.append(write_pareto(rows, folder, args.accuracy, args.size))
     # Logged to the sweep's parent run by default when the report is of one sweep.
     log_to = args.log_to or (parents[0] if len(parents) == 1 else None)
     if log_to:

@@ -38,7 +38,7 @@ from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted
-from kdexp.stats import model_stats
+from kdexp.stats import compression_metrics, model_stats
 from kdexp.sweep import parent_run, record_job, sweep_id
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
@@ -57,6 +57,8 @@ FINAL_METRICS = (
     "model/params",
     "model/nonzero_params",
     "model/size_bytes",
+    "model/compressed_bytes",  # the kdexp.compress format; the ratio is against dense fp32
+    "model/compression_ratio",
     "model/flops",
     "model/latency_ms",
     "model/latency_ms_batch",
@@ -254,6 +256,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
             **model_stats(model, data.input_shape, cfg.schedule.batch_size, cfg.latency_repeats),
             **method.summary(),
         }
+        final.update(compression_metrics(model, final))  # reads the method's model/* counts
         tracker.log_metrics(final, result.steps)
         tracker.flush()
         tracker.log_model(model, _input_example(data.test))

@@ -73,6 +73,15 @@ def test_pipeline_runs_reuses_and_reruns_only_a_changed_last_stage(tmp_path: Pat
     assert quantized["model/nonzero_params"] <= pruned["model/nonzero_params"]
     assert quantized["quant/bits"] == 8
     assert quantized["model/size_bytes"] < 0.5 * pruned["model/size_bytes"]
+    # Stored compressed, the 80% zeros count: pruned is under 40% of the dense student's bytes,
+    # and int8 codes of the same non-zeros take well under half the fp32 ones (issue 18).
+    student = stage["student"].data.metrics
+    assert pruned["model/size_bytes"] == pytest.approx(student["model/size_bytes"], abs=64)
+    assert pruned["model/compressed_bytes"] < 0.4 * student["model/compressed_bytes"]
+    assert quantized["model/compressed_bytes"] < 0.5 * pruned["model/compressed_bytes"]
+    assert pruned["model/compression_ratio"] == pytest.approx(
+        4 * pruned["model/dense_params"] / pruned["model/compressed_bytes"]
+    )
     # The parent run: the last stage's metrics, per-stage metrics and the summary artifacts.
     assert parent.data.tags["method"] == "pipeline"
     assert parent.data.metrics["test/acc1"] == quantized["test/acc1"]
@@ -93,6 +102,8 @@ def test_pipeline_runs_reuses_and_reruns_only_a_changed_last_stage(tmp_path: Pat
     for row in rows:
         assert row["run"] == stage[row["stage"]].info.run_id and row["reused"] == "no"
         assert float(row["test/acc1"]) == stage[row["stage"]].data.metrics["test/acc1"]
+        metrics = stage[row["stage"]].data.metrics
+        assert float(row["compressed (bytes)"]) == metrics["model/compressed_bytes"]
     assert float(rows[2]["sparsity"]) > 0.75
 
     again = run_cli(FAST, cwd=tmp_path)
