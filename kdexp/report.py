@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdexp.config import EXECUTION_KEYS
+from kdexp.config import EXECUTION_KEYS, canonical_text
 from kdexp.errors import ConfigError
 from kdexp.tracking.query import RunRecord, load_runs, log_report
 
@@ -51,7 +51,7 @@ class Row:
 
 
 def _config_key(run: RunRecord) -> str:
-    kept = {k: v for k, v in run.params.items() if k.split(".")[0] not in _IGNORED}
+    kept = {k: canonical_text(v) for k, v in run.params.items() if k.split(".")[0] not in _IGNORED}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
@@ -75,7 +75,8 @@ def group(runs: Sequence[RunRecord]) -> list[Row]:
     for label, configs in by_label.items():
         varying = _varying_params([members[0] for members in configs]) if len(configs) > 1 else []
         for members in configs:
-            extra = [f"{k}={members[0].params[k]}" for k in varying if k in members[0].params]
+            params = members[0].params
+            extra = [f"{k}={canonical_text(params[k])}" for k in varying if k in params]
             rows.append(_aggregate(" ".join([label, *extra]), members))
     return sorted(rows, key=lambda r: -r.mean.get("test/acc1", float("-inf")))
 
@@ -86,7 +87,8 @@ def _varying_params(representatives: list[RunRecord]) -> list[str]:
     return [
         k
         for k in keys
-        if not k.endswith("_target_") and len({r.params.get(k) for r in representatives}) > 1
+        if not k.endswith("_target_")
+        and len({canonical_text(r.params.get(k, "")) for r in representatives}) > 1
     ]
 
 
