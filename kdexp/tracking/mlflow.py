@@ -125,6 +125,13 @@ def close_sweep_run(
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
+def delete_run(uri: str | None, run_id: str) -> None:
+    """Delete a run (a sweep's parent that no job ran under)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri or default_uri()).delete_run(run_id)
+
+
 def limit_http_retries(uri: str) -> None:
     """For an http(s) store, make MLflow give up on a request within seconds, not minutes.
 
