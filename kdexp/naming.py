@@ -10,6 +10,7 @@ seeds of one configuration together. A sweep's parent run is named after what th
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Sequence
 from functools import cache
@@ -132,22 +133,70 @@ def description(job: Job, overrides: Sequence[str]) -> str:
 def name_run(cfg: DictConfig, job: Job, tracker: Tracker) -> str:
     """The run's name (``kd T=8 seed1``); adds the description and group tags to ``job.tags``.
 
-    A short config hash is appended (``kd seed0 #1a2b3c``) only when another run of the
-    experiment already has the name with a different configuration.
+    In a sweep the swept keys come first, then the seed, then the overrides every job of the
+    sweep shares (``baseline lr=0.1 seed1 epochs=1``): the UI's run list shows the first
+    twenty characters or so. A short config hash is appended (``kd seed0 #1a2b3c``) only when
+    another run of the experiment already has the name with a different configuration.
     """
     overrides = _job_overrides(job)
     role = job.tags.get("kdexp.trained_for")
     if role:  # a teacher or starting model trained first: the job's overrides are not its own
-        label = f"{_ROLES.get(role, role)} {job.names['model']}"
+        head, varied, shared = [f"{_ROLES.get(role, role)} {job.names['model']}"], [], []
     else:
-        label = run_label(job.names["method"], overrides, job.tags.get("kdexp.stage"))
-    name = f"{label} seed{cfg.seed}"
+        swept = _swept_keys(job)
+        head = [run_label(job.names["method"], [], job.tags.get("kdexp.stage"))]
+        if swept:
+            varied = short_overrides([w for w in overrides if _key(w) in swept])
+            shared = short_overrides([w for w in overrides if _key(w) not in swept])
+        else:
+            varied, shared = short_overrides(overrides), []
+    name = " ".join([*head, *varied, f"seed{cfg.seed}", *shared])
     own = config_hash(cfg)
-    if tracker.config_hashes_named(name) - {own}:
+    if set(tracker.config_hashes_named(name)) - {own}:
         name += f" #{own[:6]}"
+    again = tracker.config_hashes_named(name).count(own)
+    if again:  # the same config run again: numbered, so that the runs stay apart
+        name += f" ({again + 1})"
     job.tags[NOTE_TAG] = description(job, overrides)
-    job.tags[GROUP_TAG] = f"{label} [{group_key(cfg)[:8]}]"
+    job.tags[GROUP_TAG] = " ".join([*head, *varied, *shared, f"[{group_key(cfg)[:8]}]"])
     return name
+
+
+def _key(word: str) -> str:
+    return word.lstrip("+~").partition("=")[0]
+
+
+def _swept_keys(job: Job) -> set[str]:
+    """The keys the job's sweep varies, as its parent run recorded them (``sweep_run.json``)."""
+    folder = job.tags.get("sweep_dir")
+    if not folder:
+        return set()
+    from kdexp.sweep import SWEEP_FILE
+
+    try:
+        record = json.loads((Path(folder) / SWEEP_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    return set(record.get("swept", []))
+
+
+def swept_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys a sweep's overrides vary: its sweeps (``a=1,2``, ``range``, ``choice``, ...) and
+    the parameters of a sweeper's search space (``hydra.sweeper.params.<key>``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # Hydra refuses them itself
+        return []
+    keys = []
+    for override in parsed:
+        key = override.get_key_element().lstrip("+~")
+        if key.startswith("hydra.sweeper.params."):
+            keys.append(key.removeprefix("hydra.sweeper.params."))
+        elif override.is_sweep_override():
+            keys.append(key)
+    return keys
 
 
 def sweep_name(overrides: Sequence[str]) -> str:

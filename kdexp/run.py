@@ -33,6 +33,7 @@ from kdexp.export import log_onnx
 from kdexp.lineage import LINEAGE_TAG, lineage_key
 from kdexp.method.base import Method
 from kdexp.method.baseline import Baseline
+from kdexp.naming import name_run
 from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
@@ -262,8 +263,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
         on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
     )
-    names = {k: job.names[k] for k in ("method", "model", "dataset")}
-    run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
+    run_name = name_run(cfg, job, tracker)  # kdexp.naming (issue 14): also adds two job.tags
     tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
     if type(method) is Baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)

@@ -63,6 +63,10 @@ class Tracker:
         """The id of the newest KILLED or FAILED run carrying all ``tags``, if any."""
         return None
 
+    def config_hashes_named(self, name: str) -> list[str]:
+        """The ``kdexp.config_hash`` tag of each of this experiment's runs named ``name``."""
+        return []
+
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of run ``run_id`` (a reused run's results)."""
         return {}

@@ -65,7 +65,7 @@ class SweepRun(Callback):  # type: ignore[misc]
         tracking = _mlflow_tracking(config)
         if tracking is None:
             return
-        from kdexp.naming import NOTE_TAG, sweep_name
+        from kdexp.naming import NOTE_TAG, sweep_name, swept_keys
         from kdexp.tracking.mlflow import open_sweep_run
 
         folder = Path(config.hydra.sweep.dir)
@@ -88,7 +88,8 @@ class SweepRun(Callback):  # type: ignore[misc]
             tags,
         )
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / SWEEP_FILE).write_text(json.dumps({"sweep_id": identifier, "run_id": run_id}))
+        record = {"sweep_id": identifier, "run_id": run_id, "swept": swept_keys(overrides)}
+        (folder / SWEEP_FILE).write_text(json.dumps(record))
         # Hydra calls no callback when a sweep stops before or between its jobs (a job's config
         # that fails to compose, Ctrl-C): this closes the parent run and tidies the folder then.
         self._pending: _Pending | None = (config, tracking.get("uri"), run_id, folder, existed)

@@ -441,6 +441,18 @@ class MlflowTracker(Tracker):
         stopped = [r for r in found if r.info.status in ("KILLED", "FAILED")]
         return stopped[0].info.run_id if stopped else None
 
+    def config_hashes_named(self, name: str) -> list[str]:
+        """The ``kdexp.config_hash`` tag of each of this experiment's runs named ``name``."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
+        quoted = name.replace("'", "\\'")
+        found = client.search_runs(
+            [experiment_id], f"attributes.run_name = '{quoted}'", max_results=1000
+        )
+        return [r.data.tags.get("kdexp.config_hash", "") for r in found]
+
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of run ``run_id``."""
         from mlflow.tracking import MlflowClient
