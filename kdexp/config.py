@@ -62,6 +62,13 @@ def validate(cfg: DictConfig) -> None:
         )
     for key in ("checkpoint", "teacher_checkpoint"):
         _check_source(key, OmegaConf.select(cfg, key))
+    registered = OmegaConf.select(cfg, "tracking.register_model")
+    if registered is not None and not OmegaConf.select(cfg, "tracking.log_model", default=True):
+        raise ConfigError(
+            "tracking.register_model",
+            registered,
+            "null while tracking.log_model=false: only a logged model can be registered",
+        )
 
 
 def _check_source(key: str, value: object) -> None:

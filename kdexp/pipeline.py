@@ -178,6 +178,8 @@ def run_pipeline(cfg: DictConfig, job: Job) -> RunResult:
     with tracker.run(run_name, params, tags):
         for stage in planned:
             stage_cfg = _with_inputs(stage.cfg, results)
+            if stage is not planned[-1] and OmegaConf.select(stage_cfg, "tracking.register_model"):
+                stage_cfg.tracking.register_model = None  # kdexp (issue 14): the last stage only
             # A sweep's job is the pipeline's run; its stages nest under that run instead.
             outer = {k: v for k, v in job.tags.items() if k not in ("sweep_id", "job_num")}
             stage_tags = {**outer, "kdexp.stage": stage.name}

@@ -276,6 +276,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     with tracker.run(
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
+        tracker.log_dataset(data, job.names["dataset"], cfg.dataset)  # kdexp (issue 14)
         try:
             ddp = distributed.current() is not None
             front = distributed.wrap(trained, method, data.train, device) if ddp else None
@@ -305,7 +306,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
             **model_stats(model, data.input_shape, cfg.schedule.batch_size, cfg.latency_repeats),
             **method.final_metrics(),
         }
-        tracker.log_metrics(final, result.steps)
+        tracker.log_summary(final, result.steps)  # kdexp (issue 14): at step 0, drawn as bars
         tracker.flush()
         tracker.log_model(model, _input_example(data.test))
         if OmegaConf.select(cfg, "export_onnx", default=False):

@@ -81,7 +81,8 @@ def prepare_store(uri: str | None, experiment: str, artifact_root: str | None = 
         return found.experiment_id
     try:
         return client.create_experiment(
-            experiment, artifact_location=_artifact_location(uri, artifact_root)
+            experiment,
+            artifact_location=_artifact_location(uri, artifact_root),
         )
     except MlflowException:  # another process created it first
         found = client.get_experiment_by_name(experiment)
@@ -132,6 +133,37 @@ def delete_run(uri: str | None, run_id: str) -> None:
     MlflowClient(tracking_uri=uri or default_uri()).delete_run(run_id)
 
 
+#: Metric names that are better low: a runs page sorted by one of them sorts ascending.
+_LOWER_IS_BETTER = ("loss", "latency", "size", "params", "flops", "time")
+
+
+def runs_page(
+    uri: str, experiment_id: str, search: str | None = None, order_by: str | None = None
+) -> str:
+    """The URL of the experiment's runs table in the MLflow UI (``#/experiments/<id>/runs``;
+    the experiment's own URL opens MLflow 3's GenAI overview).
+
+    ``search`` is an MLflow filter (``tags.sweep_id = '...'``) and ``order_by`` a metric to sort
+    by, best first. With either, the UI lists the runs flat instead of folded under their parent.
+    For a tracking server the URL is on that server; for a SQLite store, on ``mlflow ui``'s
+    default address, with the command that serves it.
+    """
+    from urllib.parse import quote, urlencode
+
+    query = {}
+    if search:
+        query["searchFilter"] = search
+    if order_by:
+        query["orderByKey"] = f"metrics.`{order_by}`"
+        query["orderByAsc"] = str(any(w in order_by for w in _LOWER_IS_BETTER)).lower()
+    path = f"#/experiments/{experiment_id}/runs"
+    if query:
+        path += "?" + urlencode(query, quote_via=quote)
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"http://127.0.0.1:5000/{path} (after: mlflow ui --backend-store-uri {uri})"
+
+
 def limit_http_retries(uri: str) -> None:
     """For an http(s) store, make MLflow give up on a request within seconds, not minutes.
 
@@ -169,6 +201,22 @@ def _reason(error: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
+def _count(split: object) -> int | None:
+    """How many samples a split holds (a TensorLoader's tensors, a DataLoader's dataset)."""
+    for holder in (split, getattr(split, "dataset", None)):
+        targets = getattr(holder, "targets", None)
+        if targets is not None:
+            try:
+                return len(targets)
+            except TypeError:
+                pass
+    dataset = getattr(split, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _truncate(value: object) -> str:
     text = str(value)
     return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
@@ -187,9 +235,24 @@ class MlflowTracker(Tracker):
         artifact_root: str | None = None,
         flush_every_s: float = 10.0,
         log_model: bool = True,
+        system_metrics: bool = True,
+        system_metrics_every_s: float = 10.0,
+        register_model: str | None = None,
     ) -> None:
         self.uri = uri or default_uri()
         self.model_logging = log_model
+        self.system_metrics = system_metrics
+        self.system_metrics_every_s = system_metrics_every_s
+        if register_model is not None and not log_model:
+            raise ConfigError(
+                "tracking.register_model",
+                register_model,
+                "null while tracking.log_model=false: only a logged model can be registered",
+            )
+        self.register_model = register_model
+        self._monitor: object | None = None
+        self._trained_for = False
+        self._stepped: set[str] = set()  # metric keys logged at a step > 0
         limit_http_retries(self.uri)
         self.experiment = experiment
         self.artifact_root = artifact_root
@@ -209,8 +272,17 @@ class MlflowTracker(Tracker):
         return self._client, self.run_id
 
     def describe(self) -> str:
-        """The store URI, the experiment and the run id."""
-        return f"{self.uri} (experiment {self.experiment!r}, run {self.run_id})"
+        """The store URI, the experiment and the run id, and the UI's runs page for them."""
+        where = f"{self.uri} (experiment {self.experiment!r}, run {self.run_id})"
+        try:
+            from mlflow.tracking import MlflowClient
+
+            found = MlflowClient(tracking_uri=self.uri).get_experiment_by_name(self.experiment)
+        except Exception:  # the store is away: the line still says where the records wait
+            return where
+        if found is None:
+            return where
+        return f"{where}\nkdexp: compare runs at {runs_page(self.uri, found.experiment_id)}"
 
     @contextmanager
     def run(
@@ -246,6 +318,7 @@ class MlflowTracker(Tracker):
             run_id = resume_id
             client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
+        self._trained_for = bool(tags.get("kdexp.trained_for"))
         self._spool = Spool(spool)
         self._spool.start(self.uri, self.experiment, run_id)
         status = "FAILED"
@@ -256,12 +329,14 @@ class MlflowTracker(Tracker):
                     client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
             else:
                 self.set_tags(tags)
+            self._start_system_metrics(run_id, resumed=resume_id is not None)
             yield self
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
+            self._stop_system_metrics()
             end = {"op": "status", "status": status, "end_time": int(time.time() * 1000)}
             self._spool.add(self._take_buffer() + [end])
             self._deliver()
@@ -275,6 +350,79 @@ class MlflowTracker(Tracker):
                     spool.parent if spool else "(no spool file)",
                 )
 
+    def _start_system_metrics(self, run_id: str, resumed: bool) -> None:
+        """CPU, memory, disk, network (and GPU where present) as ``system/*`` metrics, sampled
+        every ``system_metrics_every_s`` seconds by MLflow's own monitor (the System metrics
+        tab); ``tracking.system_metrics=false`` turns it off."""
+        if not self.system_metrics:
+            return
+        # MLflow's monitor says at INFO that it starts, stops, and skips a GPU there is not.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=self.system_metrics_every_s,
+                resume_logging=resumed,
+                tracking_uri=self.uri,
+            )
+        except (ImportError, Exception) as error:  # psutil missing, a monitor that fails
+            log.warning("tracking: no system metrics (%s)", _reason(error))
+            return
+        monitor.start()
+        self._monitor = monitor
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.finish()  # type: ignore[attr-defined]
+
+    def log_dataset(self, data: object, name: str, dataset_cfg: Mapping[str, object]) -> None:
+        """Log the run's dataset as an MLflow dataset input (the run page's Dataset field).
+
+        Name: the dataset option (``mnist``); source: its ``root`` folder, or the loader that
+        makes it; digest: a hash of its config and split sizes (the data itself is not read
+        again); profile: the split sizes, class count and input shape. Context ``training``.
+        """
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from kdexp.config import canonical, digest
+
+        client, run_id = self._open_run()
+        config = {k: v for k, v in dataset_cfg.items() if k != "_partial_"}
+        sizes = {split: _count(getattr(data, split, None)) for split in ("train", "val", "test")}
+        profile = {
+            **{f"{split}_size": n for split, n in sizes.items() if n is not None},
+            "num_classes": getattr(data, "num_classes", None),
+            "input_shape": list(getattr(data, "input_shape", ()) or ()),
+        }
+        root = config.get("root")
+        source = {"uri": str(Path(str(root)).expanduser().resolve())} if root else None
+        entity = Dataset(
+            name=name,
+            digest=digest({"config": canonical(config), "sizes": sizes}),
+            source_type="local" if source else "code",
+            source=json.dumps(source or {"loader": str(config.get("_target_", name))}),
+            profile=json.dumps(profile),
+        )
+        context = InputTag(key="mlflow.data.context", value="training")
+        try:
+            client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[context])])
+        except Exception as error:  # the store is away: the dataset is not worth failing for
+            log.warning("tracking: the dataset input was not logged (%s)", _reason(error))
+
+    def log_summary(self, metrics: Mapping[str, float], last_step: int) -> None:
+        """Record end-of-run values: at step 0, where MLflow's UI draws a metric with no later
+        step as a bar chart (one bar per run) instead of a one-point line chart; a key already
+        logged at a later step during training goes at ``last_step``, so that it stays the
+        metric's latest value."""
+        summary = {k: v for k, v in metrics.items() if k not in self._stepped}
+        self.log_metrics(summary, 0)
+        self.log_metrics({k: v for k, v in metrics.items() if k in self._stepped}, last_step)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer metric values at ``step``.
 
@@ -282,6 +430,8 @@ class MlflowTracker(Tracker):
         closes: one database transaction per epoch would cost a tiny model a third of its speed.
         """
         now = int(time.time() * 1000)
+        if step > 0:
+            self._stepped.update(metrics)
         self._buffer.extend({"m": [k, float(v), now, step]} for k, v in metrics.items())
         if (
             len(self._buffer) >= _MAX_METRICS
@@ -395,6 +545,7 @@ class MlflowTracker(Tracker):
                     client.delete_logged_model(logged.model_id)
                     continue
                 client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+                self._register(logged.model_id)
                 if failures:
                     log.info("tracking: model logged with pickle (%s)", failures[0])
                 return
@@ -408,6 +559,18 @@ class MlflowTracker(Tracker):
             log.warning("tracking: the model could not be logged to %s (%s)", self.uri, error)
         finally:
             mlflow.set_tracking_uri(previous)
+
+    def _register(self, model_id: str) -> None:
+        """A new version of the registered model ``register_model`` (created if missing) from
+        the logged model; the run's ``kdexp.registered_model`` tag says which version."""
+        if not self.register_model or self._trained_for:
+            return  # a teacher or starting model trained on the way is not the result
+        import mlflow
+
+        client, run_id = self._open_run()
+        version = mlflow.register_model(f"models:/{model_id}", self.register_model)
+        client.set_tag(run_id, "kdexp.registered_model", f"{version.name}/{version.version}")
+        log.info("tracking: registered as model %s version %s", version.name, version.version)
 
     @property
     def unsent(self) -> int:
