@@ -157,3 +157,39 @@ class SweepRun(Callback):  # type: ignore[misc]
             f"jobs listed in {paths[1]}",
             flush=True,
         )
+        if run_id is not None and tracking is not None:
+            _print_next_steps(tracking, run_id, folder, names)
+
+
+def _print_next_steps(
+    tracking: DictConfig, run_id: str, folder: Path, objective: str | list[str]
+) -> None:
+    """Where to compare the sweep's runs: the UI's runs page, and the kdexp-report command."""
+    from kdexp.sweep import sweep_id
+    from kdexp.tracking.mlflow import default_uri, runs_page
+
+    uri = tracking.get("uri") or default_uri()
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    except Exception:  # the store is away: the table above is what there is
+        return
+    identifier = sweep_id(folder)
+    command = ["kdexp-report", "--sweep", identifier]
+    if tracking.get("uri"):
+        command += ["--tracking-uri", str(uri)]
+    if tracking.get("experiment", "kdexp") != "kdexp":
+        command += ["--experiment", str(tracking.get("experiment"))]
+    print(
+        "kdexp: compare the sweep's runs at "
+        + runs_page(
+            uri,
+            experiment_id,
+            search=f"tags.sweep_id = '{identifier}'",
+            order_by=objective if isinstance(objective, str) else objective[0],
+        )
+        + "\n"
+        f"kdexp: tables and plots: {' '.join(shlex.quote(w) for w in command)}",
+        flush=True,
+    )
