@@ -14,6 +14,7 @@ import argparse
 import csv
 import hashlib
 import json
+import re
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -179,11 +180,52 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)]) + "\n"
 
 
+def seeds(row: Row) -> int:
+    """How many distinct seeds a configuration's runs have (its seed param, else its tag)."""
+    return len({r.params.get("seed", r.tags.get("seed", r.run_id)) for r in row.runs})
+
+
+def _seeds_cell(row: Row) -> str:
+    """The distinct seeds, and the run count when a seed was run more than once."""
+    count = seeds(row)
+    return str(count) if count == len(row.runs) else f"{count} ({len(row.runs)} runs)"
+
+
+def report_folder(base: Path, name: str) -> Path:
+    """``base/name``, or ``base/name-2``, ``-3``, ... when a report is already there: a report
+    never overwrites another."""
+    folder = base / name
+    n = 1
+    while folder.exists() and any(folder.iterdir()):
+        n += 1
+        folder = base / f"{name}-{n}"
+    return folder
+
+
+def report_name(sweep: str | None, sweep_dir: str | None, filter_string: str) -> str:
+    """A report's folder name: its sweep's id, else its filter in file-name-safe form, else
+    ``all``."""
+    if sweep:
+        return _safe(sweep)
+    if sweep_dir:
+        return _safe("_".join(Path(sweep_dir).resolve().parts[-2:]))
+    if filter_string:
+        return _safe(filter_string)
+    return "all"
+
+
+def _safe(text: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_") or "report"
+    if len(safe) > 60:
+        safe = safe[:51] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return safe
+
+
 def write_tables(rows: list[Row], folder: Path) -> list[Path]:
     """``comparison.md`` and ``comparison.csv`` (the CSV holds plain means and stds)."""
     folder.mkdir(parents=True, exist_ok=True)
     header = ["configuration", "seeds", *[c for c, _ in COLUMNS]]
-    cells = [[row.label, str(len(row.runs)), *[_cell(row, m) for _, m in COLUMNS]] for row in rows]
+    cells = [[row.label, _seeds_cell(row), *[_cell(row, m) for _, m in COLUMNS]] for row in rows]
     markdown = folder / "comparison.md"
     markdown.write_text(markdown_table(header, cells))
     table = folder / "comparison.csv"
@@ -194,63 +236,8 @@ def write_tables(rows: list[Row], folder: Path) -> list[Path]:
         )
         for row in rows:
             values = [v for _, m in COLUMNS for v in (row.mean.get(m, ""), row.std.get(m, ""))]
-            writer.writerow([row.label, len(row.runs), *values])
+            writer.writerow([row.label, seeds(row), *values])
     return [markdown, table]
-
-
-def write_plots(rows: list[Row], folder: Path, accuracy: str = "test/acc1") -> list[Path]:
-    """Accuracy against parameters, size, latency and density (Pareto fronts marked); sparsity
-    and validation curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    usable = [r for r in rows if accuracy in r.mean]
-    marked = fronts(usable, accuracy)
-    fig, axes = plt.subplots(1, len(COSTS), figsize=(5.5 * len(COSTS), 5))
-    for ax, (xlabel, name, cost) in zip(axes, COSTS, strict=True):
-        xs = []
-        for row in usable:
-            x = cost(row)
-            if x is not None:
-                xs.append(x)
-                ax.scatter(x, row.mean[accuracy])
-                ax.annotate(row.label, (x, row.mean[accuracy]), fontsize=7)
-        if name in ("params", "size_bytes") and xs and min(xs) > 0 and max(xs) > 20 * min(xs):
-            ax.set_xscale("log")  # a search's students span orders of magnitude in size
-        front = marked[name]
-        if front:
-            xs, ys = [x for _, x in front], [row.mean[accuracy] for row, _ in front]
-            ax.plot(xs, ys, "k--", label="Pareto front")
-            ax.legend()
-        ax.set(xlabel=xlabel, ylabel=f"{accuracy} (%)")
-    fig.subplots_adjust(wspace=0.3)
-    written.append(folder / "accuracy_vs_cost.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
-    for metric, name, ylabel in (
-        ("sparsity/global", "sparsity_curves.png", "sparsity"),
-        ("val/acc1", "training_curves.png", "val/acc1 (%)"),
-    ):
-        curves = [
-            (row.label, run) for row in rows for run in row.runs[:1] if metric in run.histories
-        ]
-        if not curves:
-            continue
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for label, run in curves:
-            steps, values = zip(*run.histories[metric], strict=True)
-            ax.plot(steps, values, label=label)
-        ax.set(xlabel="step", ylabel=ylabel)
-        ax.legend(fontsize=7)
-        written.append(folder / name)
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
-    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,7 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep", default=None, help="only the jobs of this sweep id")
     parser.add_argument("--sweep-dir", default=None, help="only the jobs of this multirun folder")
     parser.add_argument("--filter", default="", help="an MLflow search filter string")
-    parser.add_argument("--out", default=None, help="default: outputs/reports/<experiment>")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="default: outputs/reports/<experiment>/<sweep id, filter or 'all'>; a folder that "
+        "holds a report already gets -2, -3, ...",
+    )
     parser.add_argument("--log-to", default=None, help="run id to attach the report to")
     parser.add_argument(
         "--accuracy",
@@ -286,8 +278,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             histories=("val/acc1", "sparsity/global"),
             statuses=("FINISHED", "FAILED"),
         )
-        # A sweep's parent run (FAILED when a job failed) holds its job table, not results.
-        runs = [r for r in found if r.tags.get("kdexp.role") != "sweep" and r.status == "FINISHED"]
+        # A sweep's parent run (FAILED when a job failed) holds its job table, not results; a
+        # pipeline's run repeats its last stage's metrics (the stage is a run of its own).
+        runs = [
+            r
+            for r in found
+            if r.tags.get("kdexp.role") != "sweep"
+            and r.tags.get("method") != "pipeline"
+            and r.status == "FINISHED"
+        ]
         parents = [r.run_id for r in found if r.tags.get("kdexp.role") == "sweep"]
         if not runs:
             raise ConfigError(
@@ -296,8 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"kdexp-report: error: {error}", file=sys.stderr)
         return 2
+    from kdexp.report_plots import write_plots
+
     rows = group(runs)
-    folder = Path(args.out or Path("outputs", "reports", args.experiment))
+    if args.out:
+        out = Path(args.out)
+        folder = report_folder(out.parent, out.name)
+    else:
+        name = report_name(args.sweep, args.sweep_dir, args.filter)
+        folder = report_folder(Path("outputs", "reports", _safe(args.experiment)), name)
     paths = write_tables(rows, folder) + write_plots(rows, folder, args.accuracy)
     paths.append(write_pareto(rows, folder, args.accuracy))
     # Logged to the sweep's parent run by default when the report is of one sweep.
