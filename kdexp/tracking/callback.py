@@ -66,7 +66,7 @@ class SweepRun(Callback):  # type: ignore[misc]
         if tracking is None:
             return
         from kdexp.naming import NOTE_TAG, sweep_name, swept_keys
-        from kdexp.tracking.mlflow import open_sweep_run
+        from kdexp.tracking.extras import open_sweep_run
 
         folder = Path(config.hydra.sweep.dir)
         identifier = sweep_id(folder)
@@ -108,7 +108,7 @@ class SweepRun(Callback):  # type: ignore[misc]
         if folder.is_dir() and jobs(folder):
             self._end(config, failed=True)
             return
-        from kdexp.tracking.mlflow import delete_run
+        from kdexp.tracking.extras import delete_run
 
         delete_run(uri, run_id)
         if not existed:
@@ -142,7 +142,7 @@ class SweepRun(Callback):  # type: ignore[misc]
         run_id = parent_run(folder)
         tracking = _mlflow_tracking(config)
         if run_id is not None and tracking is not None:
-            from kdexp.tracking.mlflow import close_sweep_run
+            from kdexp.tracking.extras import close_sweep_run
 
             close_sweep_run(
                 tracking.get("uri"),
@@ -166,7 +166,8 @@ def _print_next_steps(
 ) -> None:
     """Where to compare the sweep's runs: the UI's runs page, and the kdexp-report command."""
     from kdexp.sweep import sweep_id
-    from kdexp.tracking.mlflow import default_uri, runs_page
+    from kdexp.tracking.extras import runs_page
+    from kdexp.tracking.mlflow import default_uri
 
     uri = tracking.get("uri") or default_uri()
     try:

@@ -19,6 +19,11 @@ from typing import TYPE_CHECKING
 
 from kdexp.errors import ConfigError
 from kdexp.tracking.base import Tracker
+from kdexp.tracking.extras import (
+    dataset_input,
+    runs_page,
+    start_system_metrics,
+)
 from kdexp.tracking.spool import Record, Spool
 
 if TYPE_CHECKING:  # mlflow is imported lazily at run time
@@ -91,79 +96,6 @@ def prepare_store(uri: str | None, experiment: str, artifact_root: str | None = 
         return found.experiment_id
 
 
-def open_sweep_run(
-    uri: str | None,
-    experiment: str,
-    artifact_root: str | None,
-    name: str,
-    tags: Mapping[str, str],
-) -> str:
-    """Create a sweep's parent run (RUNNING) and return its id; its jobs nest under it."""
-    from mlflow.tracking import MlflowClient
-
-    uri = uri or default_uri()
-    experiment_id = prepare_store(uri, experiment, artifact_root)
-    run = MlflowClient(tracking_uri=uri).create_run(experiment_id, run_name=name, tags=dict(tags))
-    return run.info.run_id
-
-
-def close_sweep_run(
-    uri: str | None,
-    run_id: str,
-    metrics: Mapping[str, float],
-    paths: list[Path],
-    failed: bool,
-) -> None:
-    """Log the sweep's job table and counts to its parent run and close it."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri or default_uri())
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-    for path in paths:
-        client.log_artifact(run_id, str(path), "sweep")
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
-
-
-def delete_run(uri: str | None, run_id: str) -> None:
-    """Delete a run (a sweep's parent that no job ran under)."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=uri or default_uri()).delete_run(run_id)
-
-
-#: Metric names that are better low: a runs page sorted by one of them sorts ascending.
-_LOWER_IS_BETTER = ("loss", "latency", "size", "params", "flops", "time")
-
-
-def runs_page(
-    uri: str, experiment_id: str, search: str | None = None, order_by: str | None = None
-) -> str:
-    """The URL of the experiment's runs table in the MLflow UI (``#/experiments/<id>/runs``;
-    the experiment's own URL opens MLflow 3's GenAI overview).
-
-    ``search`` is an MLflow filter (``tags.sweep_id = '...'``) and ``order_by`` a metric to sort
-    by, best first. With either, the UI lists the runs flat instead of folded under their parent.
-    For a tracking server the URL is on that server; for a SQLite store, on ``mlflow ui``'s
-    default address, with the command that serves it.
-    """
-    from urllib.parse import quote, urlencode
-
-    query = {}
-    if search:
-        query["searchFilter"] = search
-    if order_by:
-        query["orderByKey"] = f"metrics.`{order_by}`"
-        query["orderByAsc"] = str(any(w in order_by for w in _LOWER_IS_BETTER)).lower()
-    path = f"#/experiments/{experiment_id}/runs"
-    if query:
-        path += "?" + urlencode(query, quote_via=quote)
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{path}"
-    return f"http://127.0.0.1:5000/{path} (after: mlflow ui --backend-store-uri {uri})"
-
-
 def limit_http_retries(uri: str) -> None:
     """For an http(s) store, make MLflow give up on a request within seconds, not minutes.
 
@@ -199,22 +131,6 @@ def check_reachable(uri: str) -> None:
 def _reason(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
-
-
-def _count(split: object) -> int | None:
-    """How many samples a split holds (a TensorLoader's tensors, a DataLoader's dataset)."""
-    for holder in (split, getattr(split, "dataset", None)):
-        targets = getattr(holder, "targets", None)
-        if targets is not None:
-            try:
-                return len(targets)
-            except TypeError:
-                pass
-    dataset = getattr(split, "dataset", None)
-    try:
-        return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def _truncate(value: object) -> str:
@@ -351,27 +267,11 @@ class MlflowTracker(Tracker):
                 )
 
     def _start_system_metrics(self, run_id: str, resumed: bool) -> None:
-        """CPU, memory, disk, network (and GPU where present) as ``system/*`` metrics, sampled
-        every ``system_metrics_every_s`` seconds by MLflow's own monitor (the System metrics
-        tab); ``tracking.system_metrics=false`` turns it off."""
-        if not self.system_metrics:
-            return
-        # MLflow's monitor says at INFO that it starts, stops, and skips a GPU there is not.
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(
-                run_id,
-                sampling_interval=self.system_metrics_every_s,
-                resume_logging=resumed,
-                tracking_uri=self.uri,
+        """MLflow's system metrics monitor for the run, unless ``system_metrics`` is off."""
+        if self.system_metrics:
+            self._monitor = start_system_metrics(
+                self.uri, run_id, self.system_metrics_every_s, resumed
             )
-        except (ImportError, Exception) as error:  # psutil missing, a monitor that fails
-            log.warning("tracking: no system metrics (%s)", _reason(error))
-            return
-        monitor.start()
-        self._monitor = monitor
 
     def _stop_system_metrics(self) -> None:
         monitor, self._monitor = self._monitor, None
@@ -379,38 +279,10 @@ class MlflowTracker(Tracker):
             monitor.finish()  # type: ignore[attr-defined]
 
     def log_dataset(self, data: object, name: str, dataset_cfg: Mapping[str, object]) -> None:
-        """Log the run's dataset as an MLflow dataset input (the run page's Dataset field).
-
-        Name: the dataset option (``mnist``); source: its ``root`` folder, or the loader that
-        makes it; digest: a hash of its config and split sizes (the data itself is not read
-        again); profile: the split sizes, class count and input shape. Context ``training``.
-        """
-        import json
-
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        from kdexp.config import canonical, digest
-
+        """Log the run's dataset as an MLflow dataset input (:func:`dataset_input`)."""
         client, run_id = self._open_run()
-        config = {k: v for k, v in dataset_cfg.items() if k != "_partial_"}
-        sizes = {split: _count(getattr(data, split, None)) for split in ("train", "val", "test")}
-        profile = {
-            **{f"{split}_size": n for split, n in sizes.items() if n is not None},
-            "num_classes": getattr(data, "num_classes", None),
-            "input_shape": list(getattr(data, "input_shape", ()) or ()),
-        }
-        root = config.get("root")
-        source = {"uri": str(Path(str(root)).expanduser().resolve())} if root else None
-        entity = Dataset(
-            name=name,
-            digest=digest({"config": canonical(config), "sizes": sizes}),
-            source_type="local" if source else "code",
-            source=json.dumps(source or {"loader": str(config.get("_target_", name))}),
-            profile=json.dumps(profile),
-        )
-        context = InputTag(key="mlflow.data.context", value="training")
         try:
-            client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[context])])
+            client.log_inputs(run_id, datasets=[dataset_input(data, name, dataset_cfg)])
         except Exception as error:  # the store is away: the dataset is not worth failing for
             log.warning("tracking: the dataset input was not logged (%s)", _reason(error))
 
