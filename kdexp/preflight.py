@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,12 +38,17 @@ _CONFIG_MODULE = "kdexp.conf"
 def free_form(cfg: DictConfig, key: str) -> bool:
     """Whether ``+key=...`` may add ``key`` to ``cfg``.
 
-    Free-form keys are those under ``hydra.`` and the keyword arguments of an instantiated object
-    that its config leaves out: ``+method.foo=1`` when the class named by ``method._target_``
-    takes ``foo`` (or ``**kwargs``).
+    Free-form keys are those under ``hydra.``, the keyword arguments of an instantiated object
+    that its config leaves out (``+method.foo=1`` when the class named by ``method._target_``
+    takes ``foo``), and in a pipeline a stage's setting of a key of the run's config
+    (``+stages.teacher.schedule.epochs=3``).
     """
     if key.startswith(FREE_FORM_PREFIXES):
         return True
+    stage = re.fullmatch(r"stages\.\w+\.(.+)", key)
+    if stage and "pipeline" in cfg:  # a stage's settings merge over the run's config
+        rest = stage.group(1)
+        return _has_key(cfg, rest) or free_form(cfg, rest)
     parent, _, name = key.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else None
     if not isinstance(node, DictConfig) or "_target_" not in node:

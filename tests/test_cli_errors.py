@@ -60,6 +60,12 @@ def test_free_form_keys_may_be_added() -> None:
     # an argument that KD passes on to its base class, left out of kd.yaml
     check_command_line(["+method.student_layers=[fc]"])
     assert "did you mean" in _error(["+method.studnet_layers=[fc]"]).accepted
+    # a pipeline stage's settings, merged over the run's config
+    pipeline = "experiment=pipeline_kd_prune_quant"
+    check_command_line([pipeline, "+stages.teacher.schedule.epochs=3"])
+    assert _error([pipeline, "+stages.teacher.shedule.epochs=3"]).key == (
+        "+stages.teacher.shedule.epochs"
+    )
 
 
 def test_target_arguments_follow_kwargs_up_the_classes() -> None:
