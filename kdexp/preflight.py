@@ -237,7 +237,9 @@ def check_command_line(argv: Sequence[str]) -> None:
                     )
                 every = [f for f in map(_first, overrides) if f is not None]
                 compose(name, overrides=every, return_hydra_config=True)
-            except (HydraException, OmegaConfBaseException) as error:
+            except ConfigError:
+                raise
+            except (HydraException, OmegaConfBaseException, AssertionError, ValueError) as error:
                 message = _hydra_message(error)
                 raise ConfigError("override", " ".join(args.overrides), message) from None
     finally:
