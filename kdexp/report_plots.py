@@ -28,14 +28,16 @@ _LABEL_CHARS = 40
 
 def short_labels(rows: Sequence[Row]) -> dict[int, str]:
     """Row labels without the words every row shares (``distill/kd / mlp / digits T=4`` ->
-    ``T=4`` when all rows are KD on an MLP on digits), cut to a plot label's length."""
+    ``T=4`` when all rows are KD on an MLP on digits), cut at the front to a plot label's
+    length."""
     words = [row.label.split() for row in rows]
     common = set.intersection(*(set(w) for w in words)) if len(rows) > 1 else set()
     labels = {}
     for i, row_words in enumerate(words):
         kept = [w for w in row_words if w not in common and w != "/"] if common else []
         text = " ".join(kept) or " ".join(row_words)
-        labels[i] = text if len(text) <= _LABEL_CHARS else text[: _LABEL_CHARS - 1] + "…"
+        # cut at the front: a label's end (its overrides) is what tells configurations apart
+        labels[i] = text if len(text) <= _LABEL_CHARS else "…" + text[1 - _LABEL_CHARS :]
     return labels
 
 
