@@ -16,8 +16,25 @@ from omegaconf import DictConfig
 from kdexp.errors import ConfigError
 
 
+def main() -> None:
+    """The ``kdexp`` command: the command line is checked (:mod:`kdexp.preflight`), then Hydra
+    composes the config and runs the job(s) (:func:`app`).
+
+    A mistake in the command line (an unknown option or key, an override Hydra refuses) prints
+    one line naming it and what is accepted, and exits with status 2 before anything is written.
+    """
+    from kdexp.preflight import check_command_line
+
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as error:
+        print(f"kdexp: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    app()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://kdexp.conf", config_name="train")
-def main(cfg: DictConfig) -> float | list[float] | None:
+def app(cfg: DictConfig) -> float | list[float] | None:
     """Run one job. Errors print one line, not a traceback, and exit non-zero.
 
     A config mistake (:class:`ConfigError`) exits with status 2 and removes the files Hydra wrote

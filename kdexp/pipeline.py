@@ -183,6 +183,8 @@ def run_pipeline(cfg: DictConfig, job: Job, execute: Execute) -> RunResult:
     with tracker.run(run_name, params, tags):
         for stage in planned:
             stage_cfg = _with_inputs(stage.cfg, results)
+            if stage is not planned[-1] and OmegaConf.select(stage_cfg, "tracking.register_model"):
+                stage_cfg.tracking.register_model = None  # only the last stage registers
             # A sweep's job is the pipeline's run; its stages nest under that run instead.
             outer = {k: v for k, v in job.tags.items() if k not in ("sweep_id", "job_num")}
             stage_tags = {**outer, "kdexp.stage": stage.name}

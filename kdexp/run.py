@@ -33,6 +33,7 @@ from kdexp.export import log_onnx
 from kdexp.job import Job, RunResult
 from kdexp.lineage import LINEAGE_TAG, lineage_key
 from kdexp.method.base import Method, Needs, needs_of
+from kdexp.naming import name_run
 from kdexp.pipeline import run_pipeline
 from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
@@ -214,8 +215,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     state = read_training_state(resume_path, "resume") if resume_path else None
     # A resumed run keeps writing into the folder of the checkpoint it carries on from.
     checkpoint_dir = resume_path.parent if resume_path else job.out_dir / "checkpoints"
-    names = {k: job.names[k] for k in ("method", "model", "dataset")}
-    run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
+    run_name = name_run(cfg, job, tracker)  # also adds the description and group tags to job
     tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
     if built.needs.is_baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)
@@ -228,6 +228,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     with tracker.run(
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
+        tracker.log_dataset(data, job.names["dataset"], cfg.dataset)
         if built.needs.trains:
             try:
                 result = _fit(cfg, built, model, checkpoint_dir, state)
@@ -257,7 +258,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
             **method.summary(),
         }
         final.update(compression_metrics(model, final))  # reads the method's model/* counts
-        tracker.log_metrics(final, result.steps)
+        tracker.log_summary(final, result.steps)  # at step 0: the UI draws them as bars
         tracker.flush()
         tracker.log_model(model, _input_example(data.test))
         if OmegaConf.select(cfg, "export_onnx", default=False):
