@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check kdexp tests bench
-	$(BIN)/ruff format --check kdexp tests bench
+	$(BIN)/ruff check kdexp hydra_plugins tests bench
+	$(BIN)/ruff format --check kdexp hydra_plugins tests bench
 	$(BIN)/mypy
 
 bench: $(STAMP)

@@ -13,7 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from hydra_plugins.kdexp_optuna_sweeper import register as _register_sweeper
 from kdexp.errors import ConfigError
+
+_register_sweeper()  # hydra/sweeper=kdexp_optuna, also from an editable install
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdexp.conf", config_name="train")

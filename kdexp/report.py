@@ -50,8 +50,16 @@ class Row:
     std: dict[str, float]
 
 
+def _pruned(run: RunRecord) -> str | None:
+    """The epochs a search trial trained before its pruner stopped it (:mod:`kdexp.search`)."""
+    return run.tags.get("kdexp.pruned")
+
+
 def _config_key(run: RunRecord) -> str:
-    kept = {k: v for k, v in run.params.items() if k.split(".")[0] not in _IGNORED}
+    kept: dict[str, str | None] = {
+        k: v for k, v in run.params.items() if k.split(".")[0] not in _IGNORED
+    }
+    kept["kdexp.pruned"] = _pruned(run)  # a pruned run is not a finished one of its config
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
@@ -59,7 +67,8 @@ def group(runs: Sequence[RunRecord]) -> list[Row]:
     """Group runs by configuration (all params but the seed) and aggregate their metrics.
 
     A row is labelled method/model/dataset (and teacher); where several configurations share
-    that label, the params that tell them apart are appended.
+    that label, the params that tell them apart are appended, and ``[pruned at epoch N]``
+    marks a search trial its pruner stopped.
     """
     groups: dict[str, list[RunRecord]] = {}
     for run in runs:
@@ -76,6 +85,8 @@ def group(runs: Sequence[RunRecord]) -> list[Row]:
         varying = _varying_params([members[0] for members in configs]) if len(configs) > 1 else []
         for members in configs:
             extra = [f"{k}={members[0].params[k]}" for k in varying if k in members[0].params]
+            if _pruned(members[0]) is not None:
+                extra.append(f"[pruned at epoch {_pruned(members[0])}]")
             rows.append(_aggregate(" ".join([label, *extra]), members))
     return sorted(rows, key=lambda r: -r.mean.get("test/acc1", float("-inf")))
 
@@ -133,10 +144,11 @@ ACCURACIES = ("test/acc1", "best/val_acc1", "last/val_acc1")
 
 def fronts(rows: Sequence[Row], accuracy: str = "test/acc1") -> dict[str, list[tuple[Row, float]]]:
     """For each cost of :data:`COSTS`, the rows on the Pareto front of ``accuracy`` against it,
-    each with its cost, by increasing cost."""
+    each with its cost, by increasing cost. Pruned search trials are left out: their accuracy is
+    that of an unfinished run (Optuna leaves them off its front too)."""
     found = {}
     for _, name, cost in COSTS:
-        costs = [(r, cost(r)) for r in rows if accuracy in r.mean]
+        costs = [(r, cost(r)) for r in rows if accuracy in r.mean and not _pruned(r.runs[0])]
         usable = [(r, x) for r, x in costs if x is not None]
         points = [(x, r.mean[accuracy]) for r, x in usable]
         found[name] = [(usable[i][0], points[i][0]) for i in pareto_front(points)]

@@ -37,6 +37,7 @@ from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted
+from kdexp.search import PRUNED_TAG, trial_reporter, trial_tags
 from kdexp.stats import model_stats
 from kdexp.sweep import parent_run, record_job, sweep_id
 from kdexp.tracking.base import Tracker
@@ -83,6 +84,7 @@ class RunResult:
     run_id: str | None
     lineage: str
     reused: bool = False
+    pruned: bool = False  # a search trial its pruner stopped early (kdexp.search)
 
 
 @dataclass
@@ -121,7 +123,7 @@ def run(cfg: DictConfig) -> float | list[float]:
         objective = [float(result.metrics[name]) for name in cfg.objective]
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         overrides = list(HydraConfig.get().overrides.task)
-        record_job(job.out_dir, overrides, result.run_id, objective, result.reused)
+        record_job(job.out_dir, overrides, result.run_id, objective, result.reused, result.pruned)
     return objective
 
 
@@ -140,13 +142,18 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
         if found is None:
             return _train(cfg, job, built)
     metrics = distributed.on_main(lambda: tracker.run_metrics(found))
+    # A reused pruned run prunes this trial too (kdexp.search, issue 17).
+    pruned = distributed.on_main(lambda: tracker.run_tag(found, PRUNED_TAG, "skip_finished"))
+    reporter = trial_reporter(job.tags) if pruned is not None else None
+    if reporter is not None:
+        reporter.prune()
     log.info("reusing FINISHED run %s (lineage %s): nothing to train", found, built.lineage)
     print(
         f"kdexp: reusing run {found}, FINISHED with the same config and inputs "
         f"(lineage {built.lineage}): test/acc1 {metrics.get('test/acc1', float('nan')):.2f}%",
         flush=True,
     )
-    return RunResult(metrics, None, found, built.lineage, reused=True)
+    return RunResult(metrics, None, found, built.lineage, reused=True, pruned=pruned is not None)
 
 
 def needs_teacher(cfg: DictConfig) -> bool:
@@ -262,6 +269,8 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
         on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
     )
+    reporter = trial_reporter(job.tags) if distributed.is_main() else None  # a pruned search
+    options.on_epoch = reporter.on_epoch if reporter is not None else None
     names = {k: job.names[k] for k in ("method", "model", "dataset")}
     run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
     tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
@@ -286,6 +295,8 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
             stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
             tracker.set_tags({"kdexp.resume": stop.command})
             raise
+        if result.stopped_after is not None:  # pruned: FINISHED, with the epochs it trained
+            tracker.set_tags({PRUNED_TAG: str(result.stopped_after)})
         if not distributed.is_main():  # rank 0 alone tests, measures and logs the final model
             final: dict[str, float] = distributed.from_main({})  # rank 0's final metrics
             return RunResult(final, checkpoint_dir / "final.pt", None, built.lineage)
@@ -319,7 +330,10 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {job.out_dir}",
         flush=True,
     )
-    return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
+    pruned = result.stopped_after is not None
+    return RunResult(
+        distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage, pruned=pruned
+    )
 
 
 def _check_objective(objective: object) -> None:
@@ -470,6 +484,7 @@ def _hydra_tags() -> dict[str, str]:
         parent = parent_run(Path(hc.sweep.dir))
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
+        tags.update(trial_tags())  # optuna.study, optuna.trial (kdexp_optuna sweeper)
     return tags
 
 

@@ -54,6 +54,7 @@ class SweepRun(Callback):  # type: ignore[misc]
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Open the parent run (MLflow only)."""
+        from kdexp.search import sweep_tags
         from kdexp.sweep import SWEEP_FILE, sweep_id
 
         tracking = _mlflow_tracking(config)
@@ -68,6 +69,7 @@ class SweepRun(Callback):  # type: ignore[misc]
             "kdexp.role": "sweep",
             "sweep_dir": str(folder.resolve()),
             "overrides": " ".join(config.hydra.overrides.task) or "(none)",
+            **sweep_tags(config),  # the Optuna study of a kdexp_optuna sweep
         }
         run_id = open_sweep_run(
             tracking.get("uri"),
@@ -92,7 +94,7 @@ class SweepRun(Callback):  # type: ignore[misc]
         paths = write_jobs_table(rows, folder, names)
         counts = {
             f"sweep/{status.lower()}": float(sum(r.status == status for r in rows))
-            for status in ("FINISHED", "REUSED", "FAILED")
+            for status in ("FINISHED", "REUSED", "PRUNED", "FAILED")
         }
         counts["sweep/jobs"] = float(len(rows))
         run_id = parent_run(folder)
@@ -105,7 +107,8 @@ class SweepRun(Callback):  # type: ignore[misc]
             )
         print(
             f"kdexp: sweep of {len(rows)} jobs: {int(counts['sweep/finished'])} finished, "
-            f"{int(counts['sweep/reused'])} reused, {int(counts['sweep/failed'])} failed; "
+            f"{int(counts['sweep/reused'])} reused, {int(counts['sweep/pruned'])} pruned, "
+            f"{int(counts['sweep/failed'])} failed; "
             f"jobs listed in {paths[1]}",
             flush=True,
         )
