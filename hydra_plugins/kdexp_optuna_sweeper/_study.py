@@ -68,8 +68,9 @@ def _resume(study: optuna.Study) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"kdexp.retry_of": trial.number})
-        log.info("trial %d was interrupted: asked again with %s", trial.number, trial.params)
+        if trial.params:  # empty when the launch stopped while the sampler drew them
+            study.enqueue_trial(trial.params, user_attrs={"kdexp.retry_of": trial.number})
+            log.info("trial %d was interrupted: asked again with %s", trial.number, trial.params)
     return sum(
         not t.user_attrs.get(INTERRUPTED)
         for t in study.get_trials(deepcopy=False, states=_FINISHED)
