@@ -34,11 +34,16 @@ def _worker(spec: str, jobs: mp.Queue, errors: mp.Queue) -> None:
         try:
             trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
             trial = optuna.trial.Trial(study, trial_id)
+            pruned = False
             for epoch in range(EPOCHS):
                 trial.report(float(number % 7 + epoch), epoch)
                 if trial.should_prune():
+                    pruned = True
                     break
-            study.tell(trial, float(number % 7 + epoch))
+            if pruned:
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, float(number % 7 + epoch))
         except Exception as error:  # counted, not raised: the point is to see them
             errors.put(f"{type(error).__name__}: {error}")
 
@@ -72,9 +77,15 @@ def measure(spec: str, trials: int, workers: int) -> tuple[float, int, bool]:
         print("   ", errors.get())
         count += 1
     done = study.get_trials(states=(TrialState.COMPLETE,))
-    finished = twins.get_trials(states=(TrialState.COMPLETE,))
+    finished = twins.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     numbers = sorted(t.number for t in finished)
-    whole = len(done) == trials and numbers == list(range(trials))
+    reported = all(
+        len(t.intermediate_values) == EPOCHS
+        if t.state == TrialState.COMPLETE
+        else t.intermediate_values
+        for t in finished
+    )
+    whole = len(done) == trials and numbers == list(range(trials)) and reported
     return seconds, count, whole
 
 

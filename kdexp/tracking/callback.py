@@ -46,10 +46,11 @@ class SweepRun(Callback):  # type: ignore[misc]
 
     Before the jobs start it opens a run named ``sweep-<sweep id>`` (tags ``sweep_id`` and
     ``kdexp.role=sweep``) and writes its id to ``<sweep dir>/sweep_run.json``, where every job
-    finds it and tags itself ``mlflow.parentRunId``. At the end it writes ``sweep_jobs.csv`` and
-    ``.md`` (one row per job: overrides, FINISHED / REUSED / FAILED, objective, run, error) into
-    the sweep folder, logs them and the counts to the parent run, and closes it: FAILED when a job
-    failed. Without MLflow only the table is written.
+    finds it and tags itself ``mlflow.parentRunId``; a kdexp_optuna sweep's parent also names its
+    study (tags ``optuna.study``, ``optuna.storage``). At the end it writes ``sweep_jobs.csv`` and
+    ``.md`` (one row per job: overrides, FINISHED / REUSED / PRUNED / FAILED, objective, run,
+    error) into the sweep folder, logs them and the counts to the parent run, and closes it:
+    FAILED when a job failed. Without MLflow only the table is written.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -105,9 +106,10 @@ class SweepRun(Callback):  # type: ignore[misc]
             close_sweep_run(
                 tracking.get("uri"), run_id, counts, paths, failed=counts["sweep/failed"] > 0
             )
+        pruned = int(counts["sweep/pruned"])
         print(
             f"kdexp: sweep of {len(rows)} jobs: {int(counts['sweep/finished'])} finished, "
-            f"{int(counts['sweep/reused'])} reused, {int(counts['sweep/pruned'])} pruned, "
+            f"{int(counts['sweep/reused'])} reused, {f'{pruned} pruned, ' if pruned else ''}"
             f"{int(counts['sweep/failed'])} failed; "
             f"jobs listed in {paths[1]}",
             flush=True,
