@@ -14,14 +14,31 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
+from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
+from torch import nn
 
 from hydra_plugins.kdexp_optuna_sweeper._space import parse
+from kdexp.dataset.synthetic import load as synthetic
+from kdexp.method.baseline import Baseline
 from kdexp.report import main as report
-from kdexp.search import open_storage, pruning_study_name
-from tests.conftest import run_cli, tracking_overrides
+from kdexp.schedule import constant
+from kdexp.search import (
+    ENV_PRUNING_TRIAL,
+    ENV_STORAGE,
+    ENV_STUDY,
+    MONITOR_ATTR,
+    PRUNER_ATTR,
+    open_storage,
+    pruning_study_name,
+    trial_reporter,
+)
+from kdexp.tracking.base import Tracker
+from kdexp.train import LoopOptions, fit
+from tests.conftest import CONF, run_cli, tracking_overrides
 
 TINY = ["schedule.epochs=2", "latency_repeats=1", "tracking.log_model=false"]
 
@@ -54,6 +71,62 @@ def test_search_space_keeps_the_hydra_optuna_syntax() -> None:
         "g=5",
         "+h=x",
     ]
+
+
+SWEEPER_OPTIONS = sorted(
+    (group, path.stem)
+    for group in ("sampler", "pruner")
+    for path in (CONF / "hydra" / "sweeper" / group).glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize(("group", "option"), SWEEPER_OPTIONS)
+def test_sampler_and_pruner_options_build(compose_cfg, group: str, option: str) -> None:
+    cfg = compose_cfg("hydra/sweeper=kdexp_optuna", f"hydra/sweeper/{group}={option}")
+    built = instantiate(cfg.hydra.sweeper[group])
+    base = optuna.samplers.BaseSampler if group == "sampler" else optuna.pruners.BasePruner
+    assert isinstance(built, base)
+
+
+def test_fit_stops_after_the_epoch_on_epoch_says_so() -> None:
+    data = synthetic(batch_size=32, seed=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[tuple[int, float]] = []
+
+    def judge(epoch: int, metrics: dict[str, float]) -> bool:
+        seen.append((epoch, metrics["val/acc1"]))
+        return epoch == 1
+
+    options = LoopOptions(epochs=5, device=torch.device("cpu"), on_epoch=judge)
+    method = Baseline(data=data, criterion=nn.CrossEntropyLoss())
+    result = fit(model, method, data, opt, constant(opt, 5, len(data.train)), Tracker(), options)
+    assert result.stopped_after == 2
+    assert [m["val/acc1"] for m in result.history] == [v for _, v in seen]
+    assert [e for e, _ in seen] == [0, 1]
+    assert result.best_val_acc1 == max(v for _, v in seen)
+
+
+def test_reporter_finds_its_trial_through_the_storage(tmp_path: Path, monkeypatch) -> None:
+    spec = str(tmp_path / "studies.journal")
+    storage = open_storage(spec)
+    twins = optuna.create_study(study_name=pruning_study_name("s"), storage=storage)
+    twins.set_user_attr(PRUNER_ATTR, '{"_target_": "optuna.pruners.ThresholdPruner", "lower": 50}')
+    twins.set_user_attr(MONITOR_ATTR, "val/acc1")
+    twins.ask()
+    twin = twins.ask()  # the job's twin is trial 1
+    for name, value in [(ENV_STORAGE, spec), (ENV_STUDY, "s"), (ENV_PRUNING_TRIAL, "1")]:
+        monkeypatch.setenv(name, value)
+    assert trial_reporter({}) is None  # a teacher's run, trained inside the job, reports nothing
+    reporter = trial_reporter({"optuna.trial": "7"})
+    assert reporter is not None
+    assert reporter.on_epoch(0, {"val/acc1": 60.0}) is False
+    assert reporter.on_epoch(1, {"val/acc1": 40.0}) is True  # below the threshold of 50
+    assert reporter.pruned_after == 2
+    frozen = open_storage(spec).get_trial(twin._trial_id)
+    assert frozen.state == TrialState.PRUNED
+    assert frozen.intermediate_values == {0: 60.0, 1: 40.0}
+    assert twins.trials[0].state == TrialState.RUNNING  # the other twin is untouched
 
 
 def _study(tmp_path: Path, name: str) -> optuna.Study:
