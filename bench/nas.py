@@ -1,6 +1,6 @@
 """Architecture search with and without pruning: epochs trained and the front's hypervolume.
 
-Usage: ``python bench/nas.py [--trials N] [--pruner median|successive_halving|hyperband]
+Usage: ``python bench/nas.py [--trials N] [--pruner successive_halving|median|hyperband]
 [extra overrides...]``. Runs ``experiment=nas_student`` (NSGA-II over the MLP student's width and
 depth on digits, objectives best/val_acc1 and model/params, 10 epochs a trial) twice with the
 same sampler seed, each in a fresh folder with its own MLflow store and Optuna journal: once
@@ -75,7 +75,7 @@ def main() -> None:
     """Run both searches and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=32)
-    parser.add_argument("--pruner", default="median")
+    parser.add_argument("--pruner", default="successive_halving")
     args, extra = parser.parse_known_args()
     reference = (0.0, float(_mlp_params(max(WIDTHS), max(DEPTHS))))
     results = {}

@@ -144,7 +144,7 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
     metrics = distributed.on_main(lambda: tracker.run_metrics(found))
     # A reused pruned run prunes this trial too (kdexp.search, issue 17).
     pruned = distributed.on_main(lambda: tracker.run_tag(found, PRUNED_TAG, "skip_finished"))
-    reporter = trial_reporter(job.tags) if pruned is not None else None
+    reporter = trial_reporter(job.tags) if pruned is not None and distributed.is_main() else None
     if reporter is not None:
         reporter.prune()
     log.info("reusing FINISHED run %s (lineage %s): nothing to train", found, built.lineage)
