@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/prune.py
 	$(BIN)/python bench/quantize.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/study_storage.py
+	$(BIN)/python bench/nas.py
 
 clean:
 	rm -rf $(VENV) outputs/runs outputs/multirun
