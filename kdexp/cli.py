@@ -13,7 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from hydra_plugins.kdexp_optuna_sweeper import register as _register_sweeper
 from kdexp.errors import ConfigError
+
+_register_sweeper()  # hydra/sweeper=kdexp_optuna, also from an editable install
 
 
 def main() -> None:
@@ -91,9 +94,8 @@ def _failed(message: str) -> None:
     """In a multirun a failing job does not stop the sweep: it is recorded, and
     :class:`kdexp.sweep.ReportFailedJobs` lists it at the end.
 
-    The job returns no value (None), which Hydra's Optuna sweeper records as a FAIL trial, with one
-    objective or several. A NaN would stop the whole sweep there: Optuna 2.10 refuses to complete
-    a trial with NaN values, and the sweeper's fallback (telling FAIL with the same values) raises.
+    The job returns no value (None), which kdexp's Optuna sweeper (``hydra/sweeper=kdexp_optuna``)
+    records as a FAIL trial, with one objective or several.
     """
     from kdexp.sweep import record_failure
 

@@ -45,8 +45,16 @@ class Row:
     std: dict[str, float]
 
 
+def pruned(run: RunRecord) -> str | None:
+    """The epochs a search trial trained before its pruner stopped it (:mod:`kdexp.search`)."""
+    return run.tags.get("kdexp.pruned")
+
+
 def _config_key(run: RunRecord) -> str:
-    kept = {k: canonical_text(v) for k, v in run.params.items() if k.split(".")[0] not in _IGNORED}
+    kept: dict[str, str | None] = {
+        k: canonical_text(v) for k, v in run.params.items() if k.split(".")[0] not in _IGNORED
+    }
+    kept["kdexp.pruned"] = pruned(run)  # a pruned run is not a finished one of its config
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
@@ -54,7 +62,8 @@ def group(runs: Sequence[RunRecord]) -> list[Row]:
     """Group runs by configuration (all params but the seed) and aggregate their metrics.
 
     A row is labelled method/model/dataset (and teacher); where several configurations share
-    that label, the params that tell them apart are appended.
+    that label, the params that tell them apart are appended, and ``[pruned at epoch N]``
+    marks a search trial its pruner stopped.
     """
     groups: dict[str, list[RunRecord]] = {}
     for run in runs:
@@ -72,6 +81,8 @@ def group(runs: Sequence[RunRecord]) -> list[Row]:
         for members in configs:
             params = members[0].params
             extra = [f"{k}={canonical_text(params[k])}" for k in varying if k in params]
+            if pruned(members[0]) is not None:
+                extra.append(f"[pruned at epoch {pruned(members[0])}]")
             rows.append(_aggregate(" ".join([label, *extra]), members))
     return sorted(rows, key=lambda r: -r.mean.get("test/acc1", float("-inf")))
 
@@ -146,10 +157,13 @@ def fronts(
     rows: Sequence[Row], accuracy: str = "test/acc1", size: str = "dense"
 ) -> dict[str, list[tuple[Row, float]]]:
     """For each cost of :func:`costs` (size on the ``size`` basis), the rows on the Pareto front
-    of ``accuracy`` against it, each with its cost, by increasing cost."""
+    of ``accuracy`` against it, each with its cost, by increasing cost. Pruned search trials are
+    left out: their accuracy is that of an unfinished run (Optuna leaves them off its front too).
+    """
     found = {}
     for _, name, cost in costs(size):
-        measured = [(r, cost(r)) for r in rows if accuracy in r.mean]
+        kept = [r for r in rows if accuracy in r.mean and pruned(r.runs[0]) is None]
+        measured = [(r, cost(r)) for r in kept]
         usable = [(r, x) for r, x in measured if x is not None]
         points = [(x, r.mean[accuracy]) for r, x in usable]
         found[name] = [(usable[i][0], points[i][0]) for i in pareto_front(points)]

@@ -39,6 +39,7 @@ from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted
+from kdexp.search import PRUNED_TAG, Reporter, trial_reporter, trial_tags
 from kdexp.stats import compression_metrics, model_stats
 from kdexp.sweep import parent_run, record_job, sweep_id
 from kdexp.tracking.base import Tracker
@@ -101,7 +102,7 @@ def run(cfg: DictConfig) -> float | list[float]:
         objective = [float(result.metrics[name]) for name in cfg.objective]
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         overrides = list(HydraConfig.get().overrides.task)
-        record_job(job.out_dir, overrides, result.run_id, objective, result.reused)
+        record_job(job.out_dir, overrides, result.run_id, objective, result.reused, result.pruned)
     return objective
 
 
@@ -120,13 +121,18 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
         if found is None:
             return _train(cfg, job, built)
     metrics = distributed.on_main(lambda: tracker.run_metrics(found))
+    # A reused pruned run prunes this trial too (kdexp.search).
+    pruned = distributed.on_main(lambda: tracker.run_tag(found, PRUNED_TAG, "skip_finished"))
+    reporter = trial_reporter(job.tags) if pruned is not None and distributed.is_main() else None
+    if reporter is not None:
+        reporter.prune()
     log.info("reusing FINISHED run %s (lineage %s): nothing to train", found, built.lineage)
     print(
         f"kdexp: reusing run {found}, FINISHED with the same config and inputs "
         f"(lineage {built.lineage}): test/acc1 {metrics.get('test/acc1', float('nan')):.2f}%",
         flush=True,
     )
-    return RunResult(metrics, None, found, built.lineage, reused=True)
+    return RunResult(metrics, None, found, built.lineage, reused=True, pruned=pruned is not None)
 
 
 def _build(cfg: DictConfig, job: Job) -> _Built:
@@ -216,6 +222,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     # A resumed run keeps writing into the folder of the checkpoint it carries on from.
     checkpoint_dir = resume_path.parent if resume_path else job.out_dir / "checkpoints"
     run_name = name_run(cfg, job, tracker)  # also adds the description and group tags to job
+    reporter = trial_reporter(job.tags) if distributed.is_main() else None  # a pruned search
     tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
     if built.needs.is_baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)
@@ -231,13 +238,15 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         tracker.log_dataset(data, job.names["dataset"], cfg.dataset)
         if built.needs.trains:
             try:
-                result = _fit(cfg, built, model, checkpoint_dir, state)
+                result = _fit(cfg, built, model, checkpoint_dir, state, reporter)
             except Interrupted as stop:
                 stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
                 tracker.set_tags({"kdexp.resume": stop.command})
                 raise
         else:
             result = evaluate_only(model, method, data, tracker, device)
+        if result.stopped_after is not None:  # pruned: FINISHED, with the epochs it trained
+            tracker.set_tags({PRUNED_TAG: str(result.stopped_after)})
         if not distributed.is_main():  # rank 0 alone tests, measures and logs the final model
             final: dict[str, float] = distributed.from_main({})  # rank 0's final metrics
             return RunResult(final, checkpoint_dir / "final.pt", None, built.lineage)
@@ -272,7 +281,10 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {job.out_dir}",
         flush=True,
     )
-    return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
+    pruned = result.stopped_after is not None
+    return RunResult(
+        distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage, pruned=pruned
+    )
 
 
 def _fit(
@@ -281,8 +293,10 @@ def _fit(
     model: nn.Module,
     checkpoint_dir: Path,
     state: dict[str, Any] | None,
+    reporter: Reporter | None = None,
 ) -> FitResult:
-    """Build the optimizer and LR schedule for ``model`` and the method, and run the loop."""
+    """Build the optimizer and LR schedule for ``model`` and the method, and run the loop;
+    ``reporter`` (a search trial's) may stop it after an epoch."""
     device, data, method = built.device, built.data, built.method
     # torch.compile of a Module returns an OptimizedModule, itself a Module.
     trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
@@ -304,6 +318,7 @@ def _fit(
         checkpoint_dir=checkpoint_dir if distributed.is_main() else None,
         checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
         on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
+        on_epoch=reporter.on_epoch if reporter is not None else None,
     )
     ddp = distributed.current() is not None
     front = distributed.wrap(trained, method, data.train, device) if ddp else None
@@ -459,6 +474,7 @@ def _hydra_tags() -> dict[str, str]:
         parent = parent_run(Path(hc.sweep.dir))
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
+        tags.update(trial_tags())  # optuna.study, optuna.trial (kdexp_optuna sweeper)
     return tags
 
 

@@ -52,14 +52,16 @@ class SweepRun(Callback):  # type: ignore[misc]
 
     Before the jobs start it opens a run named ``sweep-<sweep id>`` (tags ``sweep_id`` and
     ``kdexp.role=sweep``) and writes its id to ``<sweep dir>/sweep_run.json``, where every job
-    finds it and tags itself ``mlflow.parentRunId``. At the end it writes ``sweep_jobs.csv`` and
-    ``.md`` (one row per job: overrides, FINISHED / REUSED / FAILED, objective, run, error) into
-    the sweep folder, logs them and the counts to the parent run, and closes it: FAILED when a job
-    failed. Without MLflow only the table is written.
+    finds it and tags itself ``mlflow.parentRunId``; a kdexp_optuna sweep's parent also names its
+    study (tags ``optuna.study``, ``optuna.storage``). At the end it writes ``sweep_jobs.csv`` and
+    ``.md`` (one row per job: overrides, FINISHED / REUSED / PRUNED / FAILED, objective, run,
+    error) into the sweep folder, logs them and the counts to the parent run, and closes it:
+    FAILED when a job failed. Without MLflow only the table is written.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Open the parent run (MLflow only)."""
+        from kdexp.search import sweep_tags
         from kdexp.sweep import SWEEP_FILE, sweep_id
 
         tracking = _mlflow_tracking(config)
@@ -78,6 +80,7 @@ class SweepRun(Callback):  # type: ignore[misc]
             "sweep_dir": str(folder.resolve()),
             "overrides": " ".join(overrides) or "(none)",
             NOTE_TAG: f"`{command}`\n\nSweep `{identifier}` ({folder.resolve()}).",
+            **sweep_tags(config),  # the Optuna study of a kdexp_optuna sweep
         }
         existed = folder.is_dir()
         run_id = open_sweep_run(
@@ -136,7 +139,7 @@ class SweepRun(Callback):  # type: ignore[misc]
         paths = write_jobs_table(rows, folder, names)
         counts = {
             f"sweep/{status.lower()}": float(sum(r.status == status for r in rows))
-            for status in ("FINISHED", "REUSED", "FAILED")
+            for status in ("FINISHED", "REUSED", "PRUNED", "FAILED")
         }
         counts["sweep/jobs"] = float(len(rows))
         run_id = parent_run(folder)
@@ -151,9 +154,11 @@ class SweepRun(Callback):  # type: ignore[misc]
                 paths,
                 failed=failed or counts["sweep/failed"] > 0,
             )
+        pruned = int(counts["sweep/pruned"])
         print(
             f"kdexp: sweep of {len(rows)} jobs: {int(counts['sweep/finished'])} finished, "
-            f"{int(counts['sweep/reused'])} reused, {int(counts['sweep/failed'])} failed; "
+            f"{int(counts['sweep/reused'])} reused, {f'{pruned} pruned, ' if pruned else ''}"
+            f"{int(counts['sweep/failed'])} failed; "
             f"jobs listed in {paths[1]}",
             flush=True,
         )
