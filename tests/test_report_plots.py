@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
-from kdexp.report import Row, main, report_folder, report_name
+from kdexp.comparison import Row
+from kdexp.report import main, report_folder, report_name
 from kdexp.report_plots import GRID_SIZE, LEGEND_MAX, place_labels, short_labels, write_plots
 from kdexp.tracking.mlflow import MlflowTracker
 from kdexp.tracking.query import RunRecord
