@@ -269,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=ACCURACIES,
         help="the accuracy of the Pareto plots and pareto.csv (best/val_acc1 for a search)",
     )
+    parser.add_argument(  # issue 13: a preset's arms beside its paper's figures
+        "--paper",
+        action="store_true",
+        help="also print, per arm of a preset with a paper node, measured beside published",
+    )
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_uri()
     filters = [args.filter] if args.filter else []
@@ -303,10 +308,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if log_to:
         log_report(uri, log_to, paths)
     print((folder / "comparison.md").read_text())
+    if args.paper:
+        _print_paper(runs, folder)
     print(f"kdexp-report: {len(runs)} runs, {len(rows)} configurations; written to {folder}")
     if log_to:
         print(f"kdexp-report: logged to run {log_to}")
     return 0
+
+
+def _print_paper(runs: list[RunRecord], folder: Path) -> None:
+    """``--paper``: write ``paper.md`` (:mod:`kdexp.paper`) and print it."""
+    from kdexp.paper import paper_rows, paper_table
+
+    rows = paper_rows(runs)
+    if not rows:
+        print("kdexp-report: --paper: no run carries a paper node (paper.citation)")
+        return
+    (folder / "paper.md").write_text(paper_table(rows))
+    print(paper_table(rows))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
 from kdexp.export import check_config as check_export
 from kdexp.export import log_onnx
+from kdexp.keys import check_keys
 from kdexp.lineage import LINEAGE_TAG, lineage_key
 from kdexp.method.base import Method
 from kdexp.method.baseline import Baseline
@@ -168,6 +169,8 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     _check_objective(cfg.objective)
     method_class = get_class(cfg.method._target_)
     uses_teacher = needs_teacher(cfg)
+    # issue 13: a key the method does not take is a ConfigError, not instantiate's TypeError
+    check_keys(cfg.method, "method", ["data", "criterion"] + ["teacher"] * uses_teacher)
     if uses_teacher and "teacher" not in cfg:
         raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
     if "teacher" in cfg and not uses_teacher:

@@ -87,6 +87,8 @@ class TensorLoader:
                 x = crop_flip(x, padding=4, generator=self._generator)
             elif self.augment == "flip":
                 x = random_flip(x, generator=self._generator)
+            elif self.augment == "jitter":  # issue 13: Hinton et al. 2015's MNIST input jitter
+                x = jitter(x, max_shift=2, generator=self._generator)
             yield x, y
 
 
@@ -110,6 +112,24 @@ def crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     batch = torch.arange(n)[:, None, None, None]
     chan = torch.arange(x.shape[1])[None, :, None, None]
     return random_flip(padded[batch, chan, rows, cols], generator)
+
+
+def jitter(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Translate each image of a batch by a random whole number of pixels in
+    ``[-max_shift, max_shift]`` on each axis, independently per image (Hinton et al. 2015 jitter
+    MNIST digits by up to 2 pixels). The border is replicated, so a normalised background stays
+    background (zero padding would be grey there).
+    """
+    n, _, h, w = x.shape
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    batch = torch.arange(n)[:, None, None, None]
+    chan = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[batch, chan, rows, cols]
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> Tensor:

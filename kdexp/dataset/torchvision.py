@@ -87,7 +87,8 @@ def load(
     directory; torchvision looks for its own subfolder there (``MNIST/raw``,
     ``cifar-10-batches-py``, ...). ``val_size`` images of the official training set are held out
     as validation set; the official test set is the test split. ``augment`` (``crop_flip``:
-    4-pixel pad, random crop and flip; ``flip``; or none) applies to the training split only.
+    4-pixel pad, random crop and flip; ``flip``; ``jitter``: shifts of up to 2 pixels; or none)
+    applies to the training split only.
     ``in_memory=false`` serves samples through torchvision transforms and a ``DataLoader`` with
     ``num_workers`` workers instead of the in-memory tensors; both give the same data.
     ``classes`` and ``train_limit`` select classes and cap training images per class (see
@@ -134,6 +135,10 @@ def load(
         )
     elif augment == "flip":
         train_tf = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    elif augment == "jitter":  # shifts of up to 2 pixels, the border replicated
+        train_tf = T.Compose(
+            [T.RandomCrop(image_size, padding=2, padding_mode="edge"), T.ToTensor(), normalize]
+        )
     else:
         train_tf = eval_tf
     return loader_data(
@@ -263,8 +268,8 @@ def _collate(samples: list[tuple[Tensor, int]]) -> Batch:
 
 
 def _check_augment(augment: str | None) -> None:
-    if augment not in AUGMENTS:
-        raise ConfigError("dataset.augment", augment, "crop_flip, flip or null")
+    if augment not in (*AUGMENTS, "jitter"):  # jitter: MNIST-likes (Hinton et al. 2015)
+        raise ConfigError("dataset.augment", augment, "crop_flip, flip, jitter or null")
 
 
 def _open(spec: _Spec, name: str, path: str, *, train: bool, download: bool) -> VisionDataset:
