@@ -43,18 +43,29 @@ def paper_rows(runs: Sequence[RunRecord]) -> list[PaperRow]:
 
     Within an arm, runs are ordered by seed. Runs without a citation are left out.
     """
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    from kdexp.report import _config_key, _varying_params
+
+    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
     for run in runs:
         citation = run.params.get("paper.citation")
         if citation is None:
             continue
         arm = run.params.get("arm") or run.tags.get("method", "?")
-        groups.setdefault((citation, arm), []).append(run)
+        groups.setdefault((citation, arm, _config_key(run)), []).append(run)
+    # An arm run under more than one configuration is one row per configuration, labelled with
+    # the params that tell them apart.
+    per_arm: dict[tuple[str, str], list[RunRecord]] = {}
+    for (citation, arm, _), members in groups.items():
+        per_arm.setdefault((citation, arm), []).append(members[0])
     rows = []
-    for (citation, arm), members in groups.items():
+    for (citation, arm, _), members in groups.items():
+        others = per_arm[(citation, arm)]
+        if len(others) > 1:
+            varying = _varying_params(others)
+            arm = " ".join([arm, *(f"{k}={members[0].params.get(k)}" for k in varying)])
         members.sort(key=lambda r: _seed_order(r.params.get("seed", "")))
         metric = members[0].params.get("paper.metric", "test/acc1")
-        published = members[0].params.get(f"paper.arms.{arm}")
+        published = members[0].params.get(f"paper.arms.{members[0].params.get('arm')}")
         rows.append(
             PaperRow(
                 citation=citation,

@@ -96,7 +96,7 @@ def test_han2015_pruned_to_12x_fewer_weights_keeps_accuracy(store: Path) -> None
         "arm=han2015_lenet300_100/pruned",
         "pretrain_schedule.epochs=10",  # the dense arm's run above is its start (same lineage)
         "schedule.epochs=10",
-        "method.epochs_per_round=2",
+        "method.updates=10",  # 11 prune steps 20 optimizer steps apart, then retraining
     )
     arms = _results(store, "han2015_lenet300_100")
     dense, pruned = arms["dense"], arms["pruned"]
