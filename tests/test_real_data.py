@@ -54,7 +54,7 @@ def _kdexp(store: Path, *args: str) -> None:
         "latency_repeats=1",
         f"hydra.sweep.dir={store / 'multirun'}",
     ]
-    done = run_cli([*args, *common], cwd=store, timeout=600)
+    done = run_cli([*args, *common], cwd=store, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -75,14 +75,17 @@ def _results(store: Path, preset: str) -> dict[str, dict[str, float]]:
 
 
 def test_hinton_mnist_distilled_student_closes_the_gap(store: Path) -> None:
-    # All three arms in one command: the teacher arm's run is the distilled arm's teacher.
-    _kdexp(store, "experiment=hinton_mnist", "seed=0", "schedule.epochs=6")
+    # All three arms in one command, at the preset's own 20 epochs: at 6 epochs the teacher is
+    # weaker (95.5%) and distillation does not help yet (student 93.8%, distilled 93.4%, seed 0).
+    # The teacher arm's run is the distilled arm's teacher.
+    _kdexp(store, "experiment=hinton_mnist", "seed=0")
     arms = _results(store, "hinton_mnist")
     teacher, student, distilled = (
         arms[a]["test/acc1"] for a in ("teacher", "student", "distilled")
     )
+    # Seed 0 measured 97.5, 94.3 and 96.2 (59% of the gap closed); over seeds 0-2 it is 45%.
     assert teacher >= student + 1.5, arms  # a convolutional, jittered teacher is clearly better
-    assert distilled >= student + 0.5 * (teacher - student) - 0.3, (teacher, student, distilled)
+    assert distilled >= student + 0.4 * (teacher - student), (teacher, student, distilled)
     assert arms["distilled"]["teacher/test_acc1"] == pytest.approx(teacher)  # the same teacher
 
 
