@@ -51,6 +51,8 @@ def paper_rows(runs: Sequence[RunRecord]) -> list[PaperRow]:
         if citation is None:
             continue
         arm = run.params.get("arm") or run.tags.get("method", "?")
+        if run.tags.get("kdexp.trained_for"):  # an input trained for another run (a source)
+            arm = f"{run.tags['method']} trained as {run.tags['kdexp.trained_for']}"
         groups.setdefault((citation, arm, _config_key(run)), []).append(run)
     # An arm run under more than one configuration is one row per configuration, labelled with
     # the params that tell them apart.

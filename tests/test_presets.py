@@ -97,8 +97,15 @@ def test_paper_table_gives_mean_std_per_arm_beside_published() -> None:
     runs = [_record("dense", s, a) for s, a in ((2, 97.0), (0, 98.0), (1, 99.0))]
     runs += [_record("pruned", s, a) for s, a in ((0, 96.0), (1, 97.0))]
     runs.append(RunRecord("x", "x", "FINISHED", {}, {"seed": "0"}, {"test/acc1": 50.0}))
-    rows = paper_rows(runs)
-    assert [(r.arm, r.seeds) for r in rows] == [("dense", ["0", "1", "2"]), ("pruned", ["0", "1"])]
+    source = _record("dense", 0, 90.0)  # a starting model trained for another run
+    source.tags = {"method": "baseline", "kdexp.trained_for": "checkpoint"}
+    source.params["model"] = "other"
+    rows = paper_rows([*runs, source])
+    assert [(r.arm, r.seeds) for r in rows] == [
+        ("baseline trained as checkpoint", ["0"]),
+        ("dense", ["0", "1", "2"]),
+        ("pruned", ["0", "1"]),
+    ]
     table = paper_table(rows)
     # dense: mean 98, sample std 1 (by hand); published 98.36 -> difference -0.36
     dense = "| dense | 3 | 98.00 ± 1.00 | 98.00, 99.00, 97.00 | 99.00 ± 1.00 | 98.50 ± 1.00 |"
