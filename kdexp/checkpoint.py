@@ -4,7 +4,7 @@ unpickling, so a checkpoint crafted to run code is refused."""
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kdexp.errors import ConfigError
+from kdexp.packed import quantized_kind
 
 
 def save_checkpoint(path: Path, model: nn.Module, **info: int | float) -> None:
@@ -70,24 +71,6 @@ def read_training_state(path: str | Path, key: str = "resume") -> dict[str, Any]
             f"{Path(path).expanduser().resolve()} lacks {', '.join(missing)}",
         )
     return state
-
-
-def quantized_kind(state: Mapping[str, object]) -> str | None:
-    """What quantized model ``state`` is the state_dict of, or None for a float model.
-
-    torch.ao int8 models hold quantized tensors or ``_packed_params`` entries; the low-bit models
-    of ``quantize/qat`` hold uint8 ``packed`` weights (:mod:`kdexp.method.quantize.packed`).
-    """
-    for name, value in state.items():
-        if name.endswith("._packed_params") or (
-            isinstance(value, torch.Tensor) and value.is_quantized
-        ):
-            return "an int8 model"
-    for name, value in state.items():
-        if name.endswith(".packed") and isinstance(value, torch.Tensor):
-            if value.dtype == torch.uint8:
-                return "a model with packed low-bit weights"
-    return None
 
 
 def read_state_dict(

@@ -206,9 +206,9 @@ class ShardedTensorLoader(TensorLoader):
     """This rank's slice of every global batch of an in-memory :class:`TensorLoader`.
 
     The loader draws the global batch exactly as in one process (shuffle and augmentation on the
-    whole batch, from the shared seed), then keeps rows :func:`shard_rows`; ``last_rows`` holds the
-    kept rows' indices and :attr:`share` their fraction of the batch. A last batch with fewer rows
-    than ranks is dropped, since a rank without rows has no loss to average.
+    whole batch, from the shared seed), then keeps rows :func:`shard_rows`, yielded with their
+    indices by :meth:`indexed`; :attr:`share` is their fraction of the batch. A last batch with
+    fewer rows than ranks is dropped, since a rank without rows has no loss to average.
     """
 
     def __init__(self, loader: TensorLoader, rank: int, world_size: int) -> None:
@@ -221,16 +221,15 @@ class ShardedTensorLoader(TensorLoader):
         tail = len(self.targets) % self.batch_size
         return batches - 1 if 0 < tail < self.world_size and not self.drop_last else batches
 
-    def __iter__(self) -> Iterator[Batch]:
+    def indexed(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """This rank's slice of each global batch, with the slice's row indices."""
         batches = len(self)
-        for i, (x, y) in enumerate(super().__iter__()):
+        for i, (x, y, index) in enumerate(super().indexed()):
             if i == batches:
                 return
             rows = shard_rows(len(y), self.rank, self.world_size)
-            assert self.last_rows is not None
-            self.last_rows = self.last_rows[rows]
-            self.share = len(self.last_rows) / len(y)
-            yield x[rows], y[rows]
+            self.share = len(index[rows]) / len(y)
+            yield x[rows], y[rows], index[rows]
 
 
 class _SliceSampler:

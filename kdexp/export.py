@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdexp.errors import ConfigError
-from kdexp.method.base import Method
+from kdexp.method.base import needs_of
 
 if TYPE_CHECKING:
     from kdexp.tracking.base import Tracker
@@ -56,7 +55,7 @@ class OnnxMismatch(RuntimeError):
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` when ``export_onnx`` is not a bool, or is set for a method whose
-    final model cannot be exported (its ``onnx_unsupported`` class method gives the reason)."""
+    final model cannot be exported (its :class:`~kdexp.method.base.Needs` give the reason)."""
     value = OmegaConf.select(cfg, "export_onnx", default=False)
     if not isinstance(value, bool):
         raise ConfigError("export_onnx", value, "true or false")
@@ -69,15 +68,13 @@ def check_config(cfg: DictConfig) -> None:
             True,
             f"false, or install {' and '.join(missing)} first (pip install 'kdexp[onnx]')",
         )
-    method_class: type[Method] = get_class(cfg.method._target_)
-    reason = method_class.onnx_unsupported(cfg.method)
+    reason = needs_of(cfg.method).cannot_export.get("onnx")
     if reason:
         raise ConfigError(
             "export_onnx",
             True,
-            f"false with this method ({reason}); ONNX export takes dense, pruned (unstructured "
-            "or channel) and static int8 models (method=quantize/ptq_int8, or quantize/qat "
-            "with method.bits=8)",
+            f"false with this method ({reason}); ONNX export takes float models, dense or "
+            "pruned, and static int8 models",
         )
 
 

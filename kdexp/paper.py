@@ -15,6 +15,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kdexp.comparison import config_key, varying_params
+from kdexp.tables import markdown_table
 from kdexp.tracking.query import RunRecord
 
 #: (column, metric) of the measured part of the table.
@@ -43,7 +45,6 @@ def paper_rows(runs: Sequence[RunRecord]) -> list[PaperRow]:
 
     Within an arm, runs are ordered by seed. Runs without a citation are left out.
     """
-    from kdexp.report import _config_key, _varying_params
 
     groups: dict[tuple[str, str, str], list[RunRecord]] = {}
     for run in runs:
@@ -53,7 +54,7 @@ def paper_rows(runs: Sequence[RunRecord]) -> list[PaperRow]:
         arm = run.params.get("arm") or run.tags.get("method", "?")
         if run.tags.get("kdexp.trained_for"):  # an input trained for another run (a source)
             arm = f"{run.tags['method']} trained as {run.tags['kdexp.trained_for']}"
-        groups.setdefault((citation, arm, _config_key(run)), []).append(run)
+        groups.setdefault((citation, arm, config_key(run)), []).append(run)
     # An arm run under more than one configuration is one row per configuration, labelled with
     # the params that tell them apart.
     per_arm: dict[tuple[str, str], list[RunRecord]] = {}
@@ -63,7 +64,7 @@ def paper_rows(runs: Sequence[RunRecord]) -> list[PaperRow]:
     for (citation, arm, _), members in groups.items():
         others = per_arm[(citation, arm)]
         if len(others) > 1:
-            varying = _varying_params(others)
+            varying = varying_params(others)
             arm = " ".join([arm, *(f"{k}={members[0].params.get(k)}" for k in varying)])
         members.sort(key=lambda r: _seed_order(r.params.get("seed", "")))
         metric = members[0].params.get("paper.metric", "test/acc1")
@@ -108,7 +109,6 @@ def mean_std(values: Sequence[float]) -> str:
 
 def paper_table(rows: Sequence[PaperRow]) -> str:
     """A Markdown table per cited paper: measured (mean ± std over seeds) beside published."""
-    from kdexp.report import markdown_table
 
     header = [
         "arm",

@@ -30,10 +30,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kdexp import distributed
 from kdexp.config import flatten, validate
 from kdexp.errors import ConfigError
+from kdexp.job import Execute, Job, RunResult
 from kdexp.lineage import INPUT_KEYS, PIPELINE_KEYS
+from kdexp.method.base import needs_of
 from kdexp.plots import accuracy_against_size
-from kdexp.report import markdown_table
-from kdexp.run import Job, RunResult, execute, needs_teacher
+from kdexp.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ SUMMARY_METRICS = (
     ("params", "model/params"),
     ("nonzero params", "model/nonzero_params"),
     ("size (bytes)", "model/size_bytes"),
+    ("compressed (bytes)", "model/compressed_bytes"),  # kdexp.compress format
+    ("compression ratio", "model/compression_ratio"),
     ("latency (ms)", "model/latency_ms"),
 )
 
@@ -115,7 +118,9 @@ def _merge(base: DictConfig, stage: DictConfig, where: str) -> DictConfig:
                 merged[key] = OmegaConf.merge(merged[key], node)  # type: ignore[index]
             else:
                 merged[key] = node
-    if not needs_teacher(merged):  # the teacher a distillation stage brought is not this stage's
+    if not needs_of(
+        merged.method
+    ).teacher:  # the teacher a distillation stage brought is not this stage's
         merged = OmegaConf.masked_copy(merged, [str(k) for k in merged if k != "teacher"])
     return merged
 
@@ -153,7 +158,7 @@ def _stage_names(
     return names
 
 
-def run_pipeline(cfg: DictConfig, job: Job) -> RunResult:
+def run_pipeline(cfg: DictConfig, job: Job, execute: Execute) -> RunResult:
     """Run (or reuse) every stage of ``cfg``'s pipeline under one parent run; see the module."""
     if distributed.current() is not None:
         raise ConfigError(
@@ -178,6 +183,8 @@ def run_pipeline(cfg: DictConfig, job: Job) -> RunResult:
     with tracker.run(run_name, params, tags):
         for stage in planned:
             stage_cfg = _with_inputs(stage.cfg, results)
+            if stage is not planned[-1] and OmegaConf.select(stage_cfg, "tracking.register_model"):
+                stage_cfg.tracking.register_model = None  # only the last stage registers
             # A sweep's job is the pipeline's run; its stages nest under that run instead.
             outer = {k: v for k, v in job.tags.items() if k not in ("sweep_id", "job_num")}
             stage_tags = {**outer, "kdexp.stage": stage.name}
@@ -262,6 +269,7 @@ def write_summary(planned: list[Stage], results: dict[str, RunResult], folder: P
         [results[s.name].metrics.get("model/size_bytes", float("nan")) for s in planned],
         [results[s.name].metrics.get("test/acc1", float("nan")) for s in planned],
         folder / "pipeline_accuracy_size.png",
+        [results[s.name].metrics.get("model/compressed_bytes", float("nan")) for s in planned],
     )
     return [table, markdown, plot]
 

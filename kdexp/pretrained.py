@@ -25,23 +25,22 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdexp.config import pretrain_key
+from kdexp.job import Execute, Job, RunResult
 from kdexp.lineage import LINEAGE_TAG, file_key
 from kdexp.tracking.base import Tracker
 
-if TYPE_CHECKING:
-    from kdexp.run import RunResult
-
 log = logging.getLogger(__name__)
 
-BASELINE_METHOD = {"_target_": "kdexp.method.baseline.Baseline", "_partial_": True}
+#: The method a baseline runs with: the ``method/baseline`` option of the config group.
+BASELINE_OPTION = "method/baseline.yaml"
 CHECKPOINT_ARTIFACTS = ("checkpoints/final.pt", "checkpoints/best.pt")
 
 
@@ -60,10 +59,18 @@ def baseline_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
         if OmegaConf.select(cfg, "pretrain_dataset") is not None:  # issue 13: a jittered teacher
             sub.dataset = OmegaConf.merge(cfg.dataset, cfg.pretrain_dataset)
         sub.model = OmegaConf.to_container(model_cfg)  # interpolations resolve in the new root
-        sub.method = dict(BASELINE_METHOD)
+        sub.method = _baseline_method()
         sub.checkpoint = None
         sub.teacher_checkpoint = None
     return sub
+
+
+def _baseline_method() -> dict:
+    """The baseline method's config, as its yaml in the config group gives it."""
+    text = (files("kdexp.conf") / BASELINE_OPTION).read_text()
+    node = OmegaConf.to_container(OmegaConf.create(text))
+    assert isinstance(node, dict)
+    return node
 
 
 @dataclass
@@ -84,23 +91,23 @@ def resolve(
     cfg: DictConfig,
     tracker: Tracker,
     out_dir: Path,
+    execute: Execute,
 ) -> Weights:
     """The trained weights for ``model_cfg`` that ``source`` names, as a local file.
 
-    ``names`` (method, model, dataset) name the baseline run when one has to be trained.
+    ``names`` (method, model, dataset) name the baseline run when one has to be trained, by
+    ``execute`` (:func:`kdexp.run.execute`).
     """
     if source != "auto":
         file = Path(source).expanduser()
         if file.is_file():
             return Weights(file, file_key(file))
         return _from_run(tracker, source, out_dir / "inputs", key)
-    from kdexp.run import Job, execute  # run.py imports this module
-
     sub = baseline_config(cfg, model_cfg)
     job = Job(names, out_dir / key, {"kdexp.trained_for": key})
     reuse = OmegaConf.select(cfg, "reuse", default="auto") == "auto"
     if "pretrain_schedule" in cfg:  # the schedule is given: the whole config must match
-        result = _isolated_rng(lambda: execute(sub, job, reuse_finished=reuse))
+        result = _isolated_rng(lambda: execute(sub, job, reuse))
         if result.reused:
             log.info("%s: reusing run %s (lineage %s)", key, result.run_id, result.lineage)
         return _weights(tracker, result, out_dir / "inputs", key)
@@ -111,7 +118,7 @@ def resolve(
             log.info("%s: reusing run %s (pretrain key %s)", key, found, digest)
             return _from_run(tracker, found, out_dir / "inputs" / found, key)
         log.info("%s: no finished run has pretrain key %s; training it first", key, digest)
-        result = _isolated_rng(lambda: execute(sub, job))
+        result = _isolated_rng(lambda: execute(sub, job, False))
         return _weights(tracker, result, out_dir / "inputs", key)
 
 

@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from kdexp.checkpoint import save_state
+from kdexp.dataset.base import indexed
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,9 @@ class TrainingCheckpoint:
         )
         return at, state.get("best", {})
 
-    def batches(self, at: Position) -> Iterator[Any]:
-        """The epoch's batches from ``at.batch`` on, drawn exactly as an uninterrupted run would.
+    def batches(self, at: Position) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """The epoch's batches from ``at.batch`` on, drawn exactly as an uninterrupted run would,
+        each with its sample indices (:func:`kdexp.dataset.base.indexed`).
 
         At the start of an epoch it records the random and loader states; mid-epoch (after a
         resume) it rewinds to them, draws and drops the ``at.batch`` batches already trained, and
@@ -233,12 +235,12 @@ class TrainingCheckpoint:
         """
         if at.batch == 0:
             at.epoch_start = {"rng": rng_state(), "loader": _loader_state(self.loader)}
-            yield from self.loader
+            yield from indexed(self.loader)
             return
         now = rng_state()
         set_rng_state(at.epoch_start["rng"])
         _set_loader_state(self.loader, at.epoch_start["loader"])
-        batches = iter(self.loader)
+        batches = indexed(self.loader)
         for _ in range(at.batch):
             next(batches)
         set_rng_state(now)

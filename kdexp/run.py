@@ -10,7 +10,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
@@ -30,19 +30,22 @@ from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
 from kdexp.export import check_config as check_export
 from kdexp.export import log_onnx
+from kdexp.job import Job, RunResult
 from kdexp.keys import check_keys
 from kdexp.lineage import LINEAGE_TAG, lineage_key
-from kdexp.method.base import Method
-from kdexp.method.baseline import Baseline
+from kdexp.method.base import RUNTIME_ARGS, Method, Needs, needs_of
+from kdexp.naming import name_run
+from kdexp.pipeline import run_pipeline
 from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted
-from kdexp.stats import model_stats
+from kdexp.search import PRUNED_TAG, Reporter, trial_reporter, trial_tags
+from kdexp.stats import compression_metrics, model_stats
 from kdexp.sweep import parent_run, record_job, sweep_id
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
-from kdexp.train import LoopOptions, evaluate, fit
+from kdexp.train import FitResult, LoopOptions, evaluate, evaluate_only, fit
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +60,12 @@ FINAL_METRICS = (
     "model/params",
     "model/nonzero_params",
     "model/size_bytes",
+    "model/compressed_bytes",  # the kdexp.compress format; the ratio is against dense fp32
+    "model/compression_ratio",
     "model/flops",
     "model/latency_ms",
     "model/latency_ms_batch",
 )
-
-
-@dataclass
-class Job:
-    """Who a run is: group names (run name and tags), its output folder, and extra tags."""
-
-    names: dict[str, str]
-    out_dir: Path
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class RunResult:
-    """What :func:`execute` leaves: the final metrics, the final model's checkpoint and lineage.
-
-    ``final_checkpoint`` is None for a reused run (its ``checkpoints/final.pt`` artifact holds it).
-    """
-
-    metrics: dict[str, float]
-    final_checkpoint: Path | None
-    run_id: str | None
-    lineage: str
-    reused: bool = False
 
 
 @dataclass
@@ -96,6 +78,7 @@ class _Built:
     criterion: nn.Module
     model: nn.Module  # on its device, prepared by the method
     method: Method
+    needs: Needs
     lineage: str
 
 
@@ -110,9 +93,7 @@ def run(cfg: DictConfig) -> float | list[float]:
     job = Job(group_names(cfg), _output_dir(), _hydra_tags())
     with distributed.session(cfg.device):  # a no-op unless launched by torchrun
         if OmegaConf.select(cfg, "pipeline") is not None:
-            from kdexp.pipeline import run_pipeline
-
-            result = run_pipeline(cfg, job)
+            result = run_pipeline(cfg, job, execute)
         else:
             result = execute(cfg, job, reuse_finished=bool(cfg.get("skip_finished", False)))
     objective: float | list[float]
@@ -122,7 +103,7 @@ def run(cfg: DictConfig) -> float | list[float]:
         objective = [float(result.metrics[name]) for name in cfg.objective]
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         overrides = list(HydraConfig.get().overrides.task)
-        record_job(job.out_dir, overrides, result.run_id, objective, result.reused)
+        record_job(job.out_dir, overrides, result.run_id, objective, result.reused, result.pruned)
     return objective
 
 
@@ -141,21 +122,18 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
         if found is None:
             return _train(cfg, job, built)
     metrics = distributed.on_main(lambda: tracker.run_metrics(found))
+    # A reused pruned run prunes this trial too (kdexp.search).
+    pruned = distributed.on_main(lambda: tracker.run_tag(found, PRUNED_TAG, "skip_finished"))
+    reporter = trial_reporter(job.tags) if pruned is not None and distributed.is_main() else None
+    if reporter is not None:
+        reporter.prune()
     log.info("reusing FINISHED run %s (lineage %s): nothing to train", found, built.lineage)
     print(
         f"kdexp: reusing run {found}, FINISHED with the same config and inputs "
         f"(lineage {built.lineage}): test/acc1 {metrics.get('test/acc1', float('nan')):.2f}%",
         flush=True,
     )
-    return RunResult(metrics, None, found, built.lineage, reused=True)
-
-
-def needs_teacher(cfg: DictConfig) -> bool:
-    """Whether ``cfg``'s method distils from a teacher: a distillation method, or another method
-    with a ``distill`` sub-config (pruning or quantization while distilling)."""
-    method_class = get_class(cfg.method._target_)
-    distill = OmegaConf.select(cfg, "method.distill")
-    return bool(getattr(method_class, "uses_teacher", False)) or distill is not None
+    return RunResult(metrics, None, found, built.lineage, reused=True, pruned=pruned is not None)
 
 
 def _build(cfg: DictConfig, job: Job) -> _Built:
@@ -167,10 +145,10 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     validate(cfg)
     check_export(cfg)
     _check_objective(cfg.objective)
-    method_class = get_class(cfg.method._target_)
-    uses_teacher = needs_teacher(cfg)
-    # issue 13: a key the method does not take is a ConfigError, not instantiate's TypeError
-    check_keys(cfg.method, "method", ["data", "criterion"] + ["teacher"] * uses_teacher)
+    needs = needs_of(cfg.method)
+    uses_teacher = needs.teacher
+    # A key the method does not take is a ConfigError, not instantiate's TypeError.
+    check_keys(cfg.method, "method", RUNTIME_ARGS)
     if uses_teacher and "teacher" not in cfg:
         raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
     if "teacher" in cfg and not uses_teacher:
@@ -180,12 +158,12 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
             "only for distillation methods: pick method=distill/<name>, or drop model@teacher",
         )
     ddp = distributed.current()
-    if ddp and not getattr(method_class, "supports_distributed", True):
+    if ddp and not needs.distributed:
         raise ConfigError(
             "method",
             job.names["method"],
-            "a method that trains alike on every rank under torchrun (its class sets "
-            "supports_distributed = False); run this one as a single process",
+            "a method that trains alike on every rank under torchrun (this one declares "
+            "Needs(distributed=False)); run it as a single process",
         )
     device = distributed.local_device(resolve_device(cfg.device))
     # Under torchrun only rank 0 talks to MLflow; the others record nothing.
@@ -202,7 +180,7 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     # The method checks its settings and layer names here, before any input is trained.
     method = instantiate(cfg.method)(data=data, criterion=criterion, **runtime)
     inputs: dict[str, str] = {}
-    if cfg.checkpoint is not None or getattr(method_class, "starts_from_trained", False):
+    if cfg.checkpoint is not None or needs.trained_start:
         # checkpoint=auto (or null) trains or reuses a baseline of the method's start config:
         # this run's, or another dataset's for fine-tuning; None: the model brought its weights.
         start = method.start_config(cfg) if cfg.checkpoint in (None, "auto") else cfg
@@ -219,7 +197,7 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
             inputs["checkpoint"] = weights.lineage
     # prepare checks what only the model can tell (layer names), before a teacher is trained.
     method.to(device)
-    model = method.prepare(model.to(device))
+    model = method.begin(model.to(device))
     if uses_teacher:
         name = job.names.get("teacher") or _target_name(cfg.teacher)
         weights = distributed.on_main(
@@ -228,47 +206,28 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
         load_weights(runtime["teacher"], weights.path, "teacher_checkpoint")
         inputs["teacher_checkpoint"] = weights.lineage
     lineage = lineage_key(cfg, inputs)
-    return _Built(tracker, device, data, criterion, model, method, lineage)
+    return _Built(tracker, device, data, criterion, model, method, needs, lineage)
 
 
 def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
-    """Train the built run in a tracked run of its own, evaluate the final model and log it."""
+    """Train the built run in a tracked run of its own, evaluate the final model and log it.
+
+    A method that does not train (``Needs.trains`` false) is validated once and finalized.
+    """
     tracker, device, data, method = built.tracker, built.device, built.data, built.method
     model = built.model  # prepared by the method
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    # torch.compile of a Module returns an OptimizedModule, itself a Module.
-    trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
-    trainable = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
-    params: list[Any] = method.param_groups(model, cfg.schedule.lr) or trainable
-    optimizer = instantiate(cfg.schedule.optimizer)(params=params)
-    # A method that does not train (post-training quantization) asks for fewer loop epochs; its
-    # schedule config stays as composed, for the baseline that checkpoint=auto may train.
-    epochs = getattr(method, "loop_epochs", None) or cfg.schedule.epochs
-    scheduler = instantiate(cfg.schedule.scheduler)(
-        optimizer,
-        epochs=epochs,
-        steps_per_epoch=len(data.train),  # type: ignore[arg-type]
+    resume_path = (
+        distributed.on_main(lambda: _resume_path(cfg, tracker)) if built.needs.trains else None
     )
-    resume_path = distributed.on_main(lambda: _resume_path(cfg, tracker))
     state = read_training_state(resume_path, "resume") if resume_path else None
     # A resumed run keeps writing into the folder of the checkpoint it carries on from.
     checkpoint_dir = resume_path.parent if resume_path else job.out_dir / "checkpoints"
-    options = LoopOptions(
-        epochs=epochs,
-        device=device,
-        grad_clip=cfg.schedule.grad_clip,
-        amp=cfg.amp,
-        channels_last=cfg.channels_last and device.type == "cuda",
-        log_every=cfg.log_every,
-        checkpoint_dir=checkpoint_dir if distributed.is_main() else None,
-        checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
-        on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
-    )
-    names = {k: job.names[k] for k in ("method", "model", "dataset")}
-    run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
+    run_name = name_run(cfg, job, tracker)  # also adds the description and group tags to job
+    reporter = trial_reporter(job.tags) if distributed.is_main() else None  # a pruned search
     tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
-    if type(method) is Baseline and cfg.checkpoint is None:  # reusable as a teacher or start
+    if built.needs.is_baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)
     tags["kdexp.checkpoint"] = str((checkpoint_dir / "last.pt").resolve())
     resume_id = state.get("run_id") or None if state else None
@@ -279,22 +238,24 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     with tracker.run(
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
-        try:
-            ddp = distributed.current() is not None
-            front = distributed.wrap(trained, method, data.train, device) if ddp else None
-            result = fit(
-                trained, method, data, optimizer, scheduler, tracker, options, state, front
-            )
-        except Interrupted as stop:
-            stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
-            tracker.set_tags({"kdexp.resume": stop.command})
-            raise
+        tracker.log_dataset(data, job.names["dataset"], cfg.dataset)
+        if built.needs.trains:
+            try:
+                result = _fit(cfg, built, model, checkpoint_dir, state, reporter)
+            except Interrupted as stop:
+                stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
+                tracker.set_tags({"kdexp.resume": stop.command})
+                raise
+        else:
+            result = evaluate_only(model, method, data, tracker, device)
+        if result.stopped_after is not None:  # pruned: FINISHED, with the epochs it trained
+            tracker.set_tags({PRUNED_TAG: str(result.stopped_after)})
         if not distributed.is_main():  # rank 0 alone tests, measures and logs the final model
             final: dict[str, float] = distributed.from_main({})  # rank 0's final metrics
             return RunResult(final, checkpoint_dir / "final.pt", None, built.lineage)
-        if cfg.test_on == "best":
+        if cfg.test_on == "best" and built.needs.trains:
             model.load_state_dict(read_state_dict(checkpoint_dir / "best.pt", "test_on"))
-        model = method.finalize(model)
+        model = method.end(model)
         final_checkpoint = checkpoint_dir / "final.pt"
         save_checkpoint(final_checkpoint, model)
         test = evaluate(model, data.test, device, built.criterion)
@@ -306,15 +267,16 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
             "test/acc1": test["acc1"],
             "test/acc5": test["acc5"],
             **model_stats(model, data.input_shape, cfg.schedule.batch_size, cfg.latency_repeats),
-            **method.final_metrics(),
+            **method.summary(),
         }
-        tracker.log_metrics(final, result.steps)
+        final.update(compression_metrics(model, final))  # reads the method's model/* counts
+        tracker.log_summary(final, result.steps)  # at step 0: the UI draws them as bars
         tracker.flush()
         tracker.log_model(model, _input_example(data.test))
         if OmegaConf.select(cfg, "export_onnx", default=False):
             log_onnx(tracker, model, _input_example(data.test), job.out_dir, result.steps)
         _log_artifacts(tracker, cfg, job.out_dir, result.history)
-        for path in method.write_artifacts(job.out_dir / "method"):
+        for path in method.artifacts(job.out_dir / "method"):
             tracker.log_artifact(path, "method")
     print(
         f"kdexp: {run_name}: test/acc1 {final['test/acc1']:.2f}%  "
@@ -322,7 +284,48 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {job.out_dir}",
         flush=True,
     )
-    return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
+    pruned = result.stopped_after is not None
+    return RunResult(
+        distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage, pruned=pruned
+    )
+
+
+def _fit(
+    cfg: DictConfig,
+    built: _Built,
+    model: nn.Module,
+    checkpoint_dir: Path,
+    state: dict[str, Any] | None,
+    reporter: Reporter | None = None,
+) -> FitResult:
+    """Build the optimizer and LR schedule for ``model`` and the method, and run the loop;
+    ``reporter`` (a search trial's) may stop it after an epoch."""
+    device, data, method = built.device, built.data, built.method
+    # torch.compile of a Module returns an OptimizedModule, itself a Module.
+    trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
+    trainable = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    params: list[Any] = method.param_groups(model, cfg.schedule.lr) or trainable
+    optimizer = instantiate(cfg.schedule.optimizer)(params=params)
+    scheduler = instantiate(cfg.schedule.scheduler)(
+        optimizer,
+        epochs=cfg.schedule.epochs,
+        steps_per_epoch=len(data.train),  # type: ignore[arg-type]
+    )
+    options = LoopOptions(
+        epochs=cfg.schedule.epochs,
+        device=device,
+        grad_clip=cfg.schedule.grad_clip,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last and device.type == "cuda",
+        log_every=cfg.log_every,
+        checkpoint_dir=checkpoint_dir if distributed.is_main() else None,
+        checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
+        on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
+        on_epoch=reporter.on_epoch if reporter is not None else None,
+    )
+    ddp = distributed.current() is not None
+    front = distributed.wrap(trained, method, data.train, device) if ddp else None
+    return fit(trained, method, data, optimizer, scheduler, built.tracker, options, state, front)
 
 
 def _check_objective(objective: object) -> None:
@@ -394,6 +397,7 @@ def _trained_weights(
         cfg=cfg,
         tracker=tracker,
         out_dir=job.out_dir,
+        execute=execute,
     )
 
 
@@ -473,10 +477,13 @@ def _hydra_tags() -> dict[str, str]:
         parent = parent_run(Path(hc.sweep.dir))
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
+        tags.update(trial_tags())  # optuna.study, optuna.trial (kdexp_optuna sweeper)
     return tags
 
 
-def _log_artifacts(tracker, cfg: DictConfig, out_dir: Path, history: list[dict]) -> None:
+def _log_artifacts(
+    tracker: Tracker, cfg: DictConfig, out_dir: Path, history: list[dict[str, float]]
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = out_dir / "config_resolved.yaml"
     resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -12,8 +12,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from kdexp import distributed
 from kdexp.checkpoint import save_checkpoint
-from kdexp.dataset.base import Batch, Data
-from kdexp.method.base import Method
+from kdexp.dataset.base import Data
+from kdexp.evaluation import evaluate, to_device
+from kdexp.method.base import Method, Step
 from kdexp.resume import Interrupted, Position, TrainingCheckpoint, stop_signals
 from kdexp.tracking.base import Tracker
 
@@ -42,6 +43,7 @@ class FitResult:
     best_epoch: int = -1
     steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_after: int | None = None  # epochs trained when on_epoch stopped the run early
 
 
 @dataclass
@@ -57,26 +59,21 @@ class LoopOptions:
     checkpoint_dir: Path | None = None
     checkpoint_every_steps: int | None = None  # also write last.pt every N steps
     on_nonfinite: str = "stop"  # "stop": raise FloatingPointError; "skip": drop the batch
+    # Called after each epoch's validation with (epoch, metrics); True stops training after this
+    # epoch (a search trial its pruner stopped: kdexp.search.Reporter.on_epoch).
+    on_epoch: Callable[[int, dict[str, float]], bool] | None = None
 
 
-def _autocast(device: torch.device, amp: str | None):
+def _autocast(device: torch.device, amp: str | None) -> AbstractContextManager[Any]:
     if amp is None or device.type != "cuda":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
-    x, y = batch
-    x = x.to(device, non_blocking=True)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
-
-
 _LINE_EVERY_S = 30.0  # where output is not a terminal, a progress line at most this often
 
 
-def _progress(loader: Iterable[Batch], epoch: int, epochs: int) -> Iterable[Batch]:
+def _progress(loader: Iterable[Any], epoch: int, epochs: int) -> Iterable[Any]:
     """A progress bar on a terminal; elsewhere (CI, cluster logs) the loader itself."""
     if sys.stderr.isatty() and distributed.is_main():
         return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
@@ -96,11 +93,14 @@ def fit(
 ) -> FitResult:
     """Train ``model`` for ``options.epochs`` epochs; log per step and per epoch.
 
+    Every hook of ``method`` gets a :class:`~kdexp.method.base.Step` context: the epoch, the global
+    step, the batch's sample indices.
+
     Per step (every ``log_every`` steps): ``train/loss``, ``train/loss_<term>``, ``train/lr``.
     Per epoch (at the global step): ``train/epoch_loss`` and ``train/epoch_loss_<term>`` (means
     over the epoch's batches), ``train/acc1``, ``val/loss``, ``val/acc1``, ``val/acc5``,
-    ``epoch_time_s``, plus whatever ``method.after_epoch`` returns (and ``train/skipped_steps``
-    with ``on_nonfinite="skip"``).
+    ``epoch_time_s``, plus whatever the method's ``after_epoch`` returns (and
+    ``train/skipped_steps`` with ``on_nonfinite="skip"``).
 
     ``checkpoint_dir/last.pt`` receives the full training state (:mod:`kdexp.resume`) after each
     epoch, every ``checkpoint_every_steps`` steps and on SIGINT/SIGTERM, which then raise
@@ -123,16 +123,18 @@ def fit(
         at, best = saver.restore(resume, device)
         result = FitResult(**best)
     last_line, terminal = time.monotonic(), sys.stderr.isatty()
+    steps_per_epoch = len(data.train)  # type: ignore[arg-type]
     with stop_signals() as stop:
         for epoch in range(at.epoch, options.epochs):
             model.train()
             method.train()
             start = time.perf_counter()
-            for batch in _progress(saver.batches(at), epoch, options.epochs):
-                inputs, targets = _to_device(batch, device, options.channels_last)
+            for x, y, rows in _progress(saver.batches(at), epoch, options.epochs):
+                inputs, targets = to_device((x, y), device, options.channels_last)
+                ctx = Step(epoch, at.step, at.batch, rows, options.epochs, steps_per_epoch)
                 with _autocast(device, options.amp):
                     logits = forward(inputs)
-                    terms = method.loss(inputs, targets, logits)
+                    terms = method.loss(inputs, targets, logits, ctx)
                     loss: Tensor = sum(terms.values())  # type: ignore[assignment]
                 optimizer.zero_grad(set_to_none=True)
                 finite = bool(torch.isfinite(loss))  # one host-device sync per step
@@ -150,7 +152,7 @@ def fit(
                 else:  # on_nonfinite="skip": no update, and the batch counts in no mean
                     at.skipped, at.epoch_skipped = at.skipped + 1, at.epoch_skipped + 1
                 scheduler.step()
-                extra = method.after_step(at.step)
+                extra = method.step_done(ctx)
                 if at.step % options.log_every == 0 and finite:
                     metrics = {
                         "train/loss": loss.item(),
@@ -179,6 +181,7 @@ def fit(
                     raise Interrupted(stop.signum, at.step, last)
 
             val = evaluate(model, data.val, device, method.criterion, options.channels_last)
+            done = Step(epoch, at.step, at.batch, None, options.epochs, steps_per_epoch)
             batches = max(1, at.batch - at.epoch_skipped)
             correct, seen, term_sums = distributed.epoch_totals(at.correct, at.seen, at.term_sums)
             means = {f"train/epoch_loss_{k}": v / batches for k, v in term_sums.items()}
@@ -191,12 +194,13 @@ def fit(
                 "val/acc1": val["acc1"],
                 "val/acc5": val["acc5"],
                 "epoch_time_s": time.perf_counter() - start,
-                **method.after_epoch(epoch),
+                **method.epoch_done(done),
             }
             if options.on_nonfinite == "skip":
                 metrics["train/skipped_steps"] = at.skipped
             result.history.append(metrics)
-            last_epoch = epoch == options.epochs - 1
+            stop_here = options.on_epoch is not None and options.on_epoch(epoch, metrics)
+            last_epoch = epoch == options.epochs - 1 or stop_here
             if (val["acc1"] > result.best_val_acc1 and method.selects_best()) or (
                 last_epoch and result.best_epoch < 0  # no epoch qualified: the last one is best
             ):
@@ -216,8 +220,29 @@ def fit(
             )
             if stop.signum is not None:
                 raise Interrupted(stop.signum, at.step, last)
+            if stop_here:
+                result.stopped_after = epoch + 1
+                break
     result.steps = at.step
     return result
+
+
+def evaluate_only(
+    model: nn.Module, method: Method, data: Data, tracker: Tracker, device: torch.device
+) -> FitResult:
+    """The loop for a method that does not train (``Needs.trains`` false): the prepared model is
+    validated once, logged as epoch 0, and is its own best epoch."""
+    val = evaluate(model, data.val, device, method.criterion)
+    ctx = Step(epoch=0, step=0)
+    metrics = {
+        "epoch": 0,
+        "val/loss": val["loss"],
+        "val/acc1": val["acc1"],
+        "val/acc5": val["acc5"],
+    }
+    metrics.update(method.epoch_done(ctx))
+    tracker.log_metrics(metrics, 0)
+    return FitResult(val["acc1"], 0, 0, [metrics])
 
 
 def _diverged(loss: Tensor, terms: dict[str, Tensor], step: int) -> str:
@@ -234,41 +259,6 @@ def _check_finite(metrics: dict[str, float], step: int) -> None:
     for name, value in metrics.items():
         if not math.isfinite(value):
             raise FloatingPointError(f"{name} is {value} at step {step}: training diverged")
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable[Batch],
-    device: torch.device,
-    criterion: nn.Module | None = None,
-    channels_last: bool = False,
-) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 accuracy (in %) of ``model`` over ``loader``."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    top1 = torch.zeros((), device=device, dtype=torch.long)
-    top5 = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
-    for batch in loader:
-        inputs, targets = _to_device(batch, device, channels_last)
-        logits = model(inputs).float()
-        if criterion is not None:
-            loss_sum += criterion(logits, targets) * len(targets)
-        k = min(5, logits.shape[1])
-        ranked = logits.topk(k, dim=1).indices
-        hits = ranked == targets[:, None]
-        top1 += hits[:, 0].sum()
-        top5 += hits.any(dim=1).sum()
-        count += len(targets)
-    model.train(was_training)
-    count = max(count, 1)
-    return {
-        "loss": loss_sum.item() / count,
-        "acc1": 100.0 * top1.item() / count,
-        "acc5": 100.0 * top5.item() / count,
-    }
 
 
 def _save(

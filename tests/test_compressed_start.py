@@ -15,7 +15,7 @@ import kdexp.run
 from kdexp.checkpoint import save_checkpoint
 from kdexp.dataset.digits import load as digits
 from kdexp.errors import ConfigError
-from kdexp.method.base import Method
+from kdexp.method.base import Method, Step
 from kdexp.method.baseline import Baseline
 from kdexp.method.finetune import Finetune
 from kdexp.method.prune import Channel
@@ -35,7 +35,7 @@ def _pruned_mlp(hidden: list[int]) -> nn.Module:
     model = MLP(10, 1, 8, hidden)
     method = Channel(data=data, criterion=CE, sparsity=0.5, epochs=1, scope="layerwise")
     method.prepare(model)
-    method.after_step(0)
+    method.after_step(Step(0, 0))
     return method.finalize(model).eval()
 
 
@@ -158,7 +158,7 @@ def test_a_quantized_final_model_is_refused_as_a_start_or_a_teacher(
 def test_packed_low_bit_weights_are_refused_but_load_packed_reads_them(tmp_path: Path) -> None:
     from kdexp.checkpoint import read_state_dict
     from kdexp.method.quantize import load_packed
-    from kdexp.method.quantize.packed import packed_from
+    from kdexp.packed import packed_from
 
     model = MLP(10, 1, 8, [32, 32])
     packed = packed_from(model.layers[1])

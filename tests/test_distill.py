@@ -13,6 +13,7 @@ from torch import nn
 from kdexp.dataset.synthetic import load as synthetic
 from kdexp.errors import ConfigError
 from kdexp.features import FeatureTap
+from kdexp.method.base import Step
 from kdexp.method.distill.base import kd_loss
 from kdexp.method.distill.kd import KD
 from kdexp.run import run
@@ -60,7 +61,7 @@ def test_kd_method_terms_and_no_gradient_to_teacher() -> None:
     method.train()
     x, y = next(iter(data.train))
     logits = student(x)
-    terms = method.loss(x, y, logits)
+    terms = method.loss(x, y, logits, Step(0, 0))
     assert set(terms) == {"ce", "kd"}
     t_logits = teacher(x)
     expected_kd = 0.9 * _kd_by_hand(logits.detach(), t_logits.detach(), 4.0)
@@ -85,9 +86,9 @@ def test_cached_teacher_outputs_equal_live_ones() -> None:
         method.prepare(student)
         method.train()
     for _ in range(2):
-        for x, y in data.train:
-            logits = student(x)
-            a, b = live.loss(x, y, logits), cached.loss(x, y, logits)
+        for x, y, rows in data.train.indexed():
+            logits, ctx = student(x), Step(0, 0, rows=rows)
+            a, b = live.loss(x, y, logits, ctx), cached.loss(x, y, logits, ctx)
             assert torch.allclose(a["kd"], b["kd"], atol=1e-6)
     live_calls = 2 * len(data.train)  # the live method runs the teacher on every batch
     fill_calls = -(-len(data.train.inputs) // 512)  # the cache is filled once, 512 rows a call
@@ -101,9 +102,9 @@ def test_cache_refused_with_augmentation() -> None:
     method = KD(data=data, criterion=nn.CrossEntropyLoss(), teacher=teacher, cache_teacher=True)
     method.prepare(student)
     method.train()
-    x, y = next(iter(data.train))
+    x, y, rows = next(data.train.indexed())
     with pytest.raises(ConfigError, match="method.cache_teacher=True"):
-        method.loss(x, y, student(x))
+        method.loss(x, y, student(x), Step(0, 0, rows=rows))
 
 
 def test_feature_tap_by_path_and_penultimate() -> None:

@@ -40,11 +40,10 @@ def test_sharded_tensor_loader_slices_the_single_process_batches() -> None:
     for loader in ranks:
         assert len(loader) == 3
         got = []
-        for x, y in loader:
+        for x, y, index in loader.indexed():
             got.append(y)
             shares.append(loader.share)
-            assert loader.last_rows is not None
-            rows.append(loader.last_rows)
+            rows.append(index)
             assert torch.equal(x[:, 0].long(), y)  # inputs and targets stay paired
         slices.append(got)
     for batch, part0, part1 in zip(single, *slices, strict=True):

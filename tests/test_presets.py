@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import get_class
 
-from kdexp.dataset.base import TensorLoader, jitter
+from kdexp.dataset.augment import jitter
+from kdexp.dataset.base import TensorLoader
 from kdexp.errors import ConfigError
 from kdexp.keys import accepted_keys, check_keys
+from kdexp.method.base import RUNTIME_ARGS, needs_of
 from kdexp.paper import mean_std, paper_rows, paper_table
-from kdexp.run import needs_teacher
 from kdexp.tracking.query import RunRecord
 from tests.conftest import CONF
 
@@ -56,22 +57,23 @@ def test_accepted_keys_follow_kwargs_up_to_the_base_class() -> None:
     names, open_ended = accepted_keys(get_class("kdexp.method.distill.kd.KD"))
     assert {"alpha", "T", "cache_teacher", "teacher", "data"} <= names and not open_ended
     names, _ = accepted_keys(get_class("kdexp.method.baseline.Baseline"))
-    assert names == {"data", "criterion"}
+    assert names == {"data", "criterion", "key", "distill", "teacher"}
 
 
 def test_a_key_the_method_does_not_take_is_a_config_error(compose_cfg) -> None:
     cfg = compose_cfg("experiment=hinton_mnist", "method=baseline")
     with pytest.raises(ConfigError) as error:
-        check_keys(cfg.method, "method", ["data", "criterion"])
+        check_keys(cfg.method, "method", RUNTIME_ARGS)
     message = str(error.value)
     assert message.startswith("method.alpha=0.9") or message.startswith("method.T=20.0")
-    assert "kdexp.method.baseline.Baseline" in message and "no settings" in message
+    # a baseline takes only a distill component: the message lists what it does take
+    assert "kdexp.method.baseline.Baseline" in message and "it takes distill." in message
 
 
 def test_kd_keys_pass_and_a_typo_names_the_accepted_keys(compose_cfg) -> None:
     cfg = compose_cfg("experiment=hinton_mnist", "+method.temperature=3")
     with pytest.raises(ConfigError, match=r"method.temperature=3: .* it takes .*T, alpha"):
-        check_keys(cfg.method, "method", ["data", "criterion", "teacher"])
+        check_keys(cfg.method, "method", RUNTIME_ARGS)
 
 
 @pytest.mark.parametrize("arm", ARMS)
@@ -80,9 +82,9 @@ def test_every_arm_composes_with_keys_its_method_takes(compose_cfg, arm: str) ->
     cfg = compose_cfg(f"experiment={preset}", f"arm={arm}")
     assert cfg.arm == arm.split("/")[1]
     assert cfg.paper.citation
-    uses_teacher = needs_teacher(cfg)
+    uses_teacher = needs_of(cfg.method).teacher
     assert ("teacher" in cfg) == uses_teacher  # a teacher only where the method distils
-    check_keys(cfg.method, "method", ["data", "criterion"] + ["teacher"] * uses_teacher)
+    check_keys(cfg.method, "method", RUNTIME_ARGS)
 
 
 def _record(arm: str, seed: int, acc: float, citation: str = "Someone 2015") -> RunRecord:

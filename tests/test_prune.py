@@ -18,6 +18,7 @@ import kdexp.run
 from kdexp.checkpoint import save_checkpoint
 from kdexp.dataset.synthetic import load as synthetic
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step
 from kdexp.method.prune import Channel, Magnitude, Random, Sensitivity, Taylor, load_pruned
 from kdexp.model.mlp import MLP
 from kdexp.model.resnet_cifar import CifarResNet
@@ -65,7 +66,7 @@ def test_global_magnitude_masks_equal_torch_global_unstructured() -> None:
     reference = copy.deepcopy(model)
     method = Magnitude(data=data, criterion=CE, sparsity=0.7, epochs=1, schedule="oneshot")
     method.prepare(model)
-    method.after_step(0)
+    method.after_step(Step(0, 0))
     layers = [(m, "weight") for m in reference.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.7)
     names = ["0", "3", "8"]
@@ -81,7 +82,7 @@ def test_layerwise_scope_prunes_the_same_ratio_of_every_layer() -> None:
         data=data, criterion=CE, sparsity=0.6, epochs=1, schedule="oneshot", scope="layerwise"
     )
     method.prepare(model)
-    metrics = method.after_step(0)
+    metrics = method.after_step(Step(0, 0))
     assert metrics["sparsity/1"] == round(0.6 * 64 * 32) / (64 * 32)
     assert metrics["sparsity/3"] == round(0.6 * 32 * 10) / (32 * 10)
     # the pruned weights of each layer are its smallest ones
@@ -97,7 +98,7 @@ def test_other_criteria_prune_by_their_scores(criterion: type) -> None:
         data=data, criterion=CE, sparsity=0.5, epochs=1, schedule="oneshot", calibration_batches=3
     )
     method.prepare(model)
-    metrics = method.after_step(0)
+    metrics = method.after_step(Step(0, 0))
     assert metrics["sparsity/global"] == pytest.approx(0.5, abs=1e-3)
     if criterion is Random:
         return
@@ -123,9 +124,9 @@ def _train(method, model: nn.Module, data, epochs: int) -> list[tuple[int, dict[
     for _ in range(epochs):
         for x, y in data.train:
             optimizer.zero_grad()
-            sum(method.loss(x, y, model(x)).values()).backward()
+            sum(method.loss(x, y, model(x), Step(0, 0)).values()).backward()
             optimizer.step()
-            metrics = method.after_step(step)
+            metrics = method.after_step(Step(0, step))
             if "sparsity/global" in metrics:
                 logged.append((step, metrics))
             step += 1
@@ -181,7 +182,7 @@ def test_channel_pruning_shrinks_to_the_masked_model_and_reloads(tmp_path: Path)
     _randomise_bn(model)
     method = Channel(data=data, criterion=CE, sparsity=0.5, epochs=1, scope="layerwise")
     method.prepare(model)
-    metrics = method.after_step(0)
+    metrics = method.after_step(Step(0, 0))
     assert metrics["sparsity/0"] == 0.5 and metrics["sparsity/3"] == 0.5  # 4 of 8, 3 of 6
     # l1 importance: the filters of smallest L1 norm (the group's norms, normalised: same order
     # here except for the BN and the next layer's inputs, so check the pruned count and zeros)
@@ -208,7 +209,7 @@ def test_channel_pruning_of_resnet20_handles_residuals(importance: str, tmp_path
         data=data, criterion=CE, sparsity=0.5, epochs=1, importance=importance, scope="global"
     )
     method.prepare(model)
-    assert method.after_step(0)["sparsity/global"] == pytest.approx(0.5, abs=0.005)
+    assert method.after_step(Step(0, 0))["sparsity/global"] == pytest.approx(0.5, abs=0.005)
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     masked = model(x)
@@ -241,7 +242,18 @@ BAD = {
         ["method=prune/channel", "model=resnet8", "method.layers=[fc]"],
         "method.layers='fc': a layer whose output channels can be removed",
     ),
-    "bad_schedule": (["method=prune/magnitude", "method.schedule=cubic"], "agp, linear"),
+    "bad_schedule": (
+        ["method=prune/magnitude", "method.schedule=cubic"],
+        "method.schedule='cubic': one of agp, iterative, linear, oneshot",
+    ),
+    "bad_schedule_knob": (
+        ["method=prune/magnitude", "method.schedule.frequency=0"],
+        "method.schedule.frequency=0: a positive integer",
+    ),
+    "bad_importance": (
+        ["method=prune/channel", "method.importance=l3"],
+        "method.importance='l3': one of bn_scale, l1, l2, taylor",
+    ),
 }
 
 
@@ -286,8 +298,8 @@ def test_prune_and_distill_compose_and_run(compose_cfg, tmp_path: Path) -> None:
     terms: list[set[str]] = []
     original = Magnitude.loss
 
-    def spy(self, inputs, targets, logits):
-        out = original(self, inputs, targets, logits)
+    def spy(self, inputs, targets, logits, ctx):
+        out = original(self, inputs, targets, logits, ctx)
         terms.append(set(out))
         return out
 
@@ -390,7 +402,8 @@ def test_pruning_preset_composes_and_runs_on_synthetic_data_of_its_shape(
     real = compose_cfg(f"experiment={name}")
     assert real.model._target_.endswith(model)
     assert real.method._target_.lower().endswith(method.replace("_", ""))
-    assert (real.method.sparsity, real.method.schedule) == (sparsity, schedule)
+    assert real.method.sparsity == sparsity
+    assert real.method.schedule._target_.lower().endswith(f".{schedule}")
     cfg = compose_cfg(
         f"experiment={name}",
         "dataset=synthetic",
@@ -463,7 +476,7 @@ def test_masks_and_schedule_position_survive_a_state_dict_round_trip(kind: str) 
     trained = make()
     trained.prepare(model)
     for step in range(5):  # two mask updates (steps 0, 2, 4 of 0..6)
-        trained.after_step(step)
+        trained.after_step(Step(0, step))
     state = trained.state_dict()
     buffer = io.BytesIO()
     torch.save(state, buffer)  # the way a resume checkpoint stores it
@@ -477,3 +490,67 @@ def test_masks_and_schedule_position_survive_a_state_dict_round_trip(kind: str) 
     for name, value in trained.mask_state().items():
         other = restored.mask_state()[name]
         assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value
+
+
+# -- schedules and importances as components ------------------------------------------------------
+def test_schedule_object_flat_knobs_and_short_name_give_one_plan(compose_cfg, caplog) -> None:
+    from hydra.utils import instantiate
+
+    from kdexp import choices
+    from kdexp.method.prune.schedule import AGP
+
+    data = synthetic(batch_size=32, seed=0)  # 14 steps per epoch
+    # The object, a node picked through the defaults list, the short name with flat knobs.
+    by_object = Magnitude(
+        data=data, criterion=CE, sparsity=0.8, epochs=4, schedule=AGP(frequency=4, updates=5)
+    )
+    group = compose_cfg(
+        "method=prune/magnitude",
+        "method/prune/schedule@method.schedule=agp",
+        "method.schedule.frequency=4",
+        "method.schedule.updates=5",
+        "schedule.epochs=4",
+    )
+    choices._warned.clear()
+    with caplog.at_level("WARNING"):
+        legacy = compose_cfg(
+            "method=prune/magnitude",
+            "method.schedule=agp",
+            "method.frequency=4",
+            "method.updates=5",
+            "schedule.epochs=4",
+        )
+        flat = instantiate(legacy.method)(data=data, criterion=CE)
+        instantiate(legacy.method)(data=data, criterion=CE)  # a second build warns no more
+    nested = instantiate(group.method)(data=data, criterion=CE)
+    expected = [(i * 4, 0.8 * (1 - (1 - i / 5) ** 3)) for i in range(6)]
+    for method in (by_object, nested, flat):
+        assert [s for s, _ in method.plan] == [s for s, _ in expected]
+        assert [t for _, t in method.plan] == pytest.approx([t for _, t in expected], abs=1e-12)
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warnings == [
+        "method.frequency is deprecated: use method.schedule.frequency=4",
+        "method.updates is deprecated: use method.schedule.updates=5",
+    ]
+    # A flat knob the schedule has not: said once, not applied.
+    choices._warned.clear()
+    with caplog.at_level("WARNING"):
+        Magnitude(data=data, criterion=CE, sparsity=0.8, epochs=4, schedule="oneshot", rounds=2)
+    assert "method.rounds=2 has no effect with the oneshot schedule" in caplog.text
+
+
+def test_channel_importance_by_name_or_node_and_bn_scale_refuses_groups_without_bn() -> None:
+    from kdexp.method.prune.importance import L2, BNScale
+
+    data = synthetic(batch_size=16, seed=0)
+    by_name = Channel(data=data, criterion=CE, sparsity=0.5, epochs=1, importance="l2")
+    by_object = Channel(data=data, criterion=CE, sparsity=0.5, epochs=1, importance=L2())
+    assert type(by_name.importance) is type(by_object.importance) is L2
+    model = _convnet()
+    by_name.prepare(model)
+    by_object.prepare(copy.deepcopy(model))
+    assert by_name.after_step(Step(0, 0)) == by_object.after_step(Step(0, 0))
+    # bn_scale scores only groups with a BatchNorm: none in an MLP, so nothing to prune.
+    bn = Channel(data=data, criterion=CE, sparsity=0.5, epochs=1, importance=BNScale())
+    with pytest.raises(ConfigError, match="at least one prunable channel group"):
+        bn.prepare(_mlp())

@@ -16,6 +16,7 @@ from kdexp.dataset.base import Data, TensorLoader
 from kdexp.dataset.digits import load as digits
 from kdexp.dataset.synthetic import load as synthetic
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step, needs_of
 from kdexp.method.quantize import backend, load_packed
 from kdexp.method.quantize.fake import (
     QuantLinear,
@@ -24,10 +25,10 @@ from kdexp.method.quantize.fake import (
     qrange,
     quantize,
 )
-from kdexp.method.quantize.packed import PackedConv2d, PackedLinear, pack, unpack
-from kdexp.method.quantize.ptq import DynamicInt8, Frozen, PTQInt8
+from kdexp.method.quantize.ptq import DynamicInt8, PTQInt8
 from kdexp.method.quantize.qat import QAT
 from kdexp.model.mlp import MLP
+from kdexp.packed import PackedConv2d, PackedLinear, pack, unpack
 from kdexp.run import run
 from kdexp.stats import size_bytes
 from kdexp.train import evaluate
@@ -230,19 +231,22 @@ def test_dynamic_int8_quantizes_linear_layers(trained_mlp) -> None:
         method.prepare(nn.Sequential(nn.Conv2d(1, 2, 3)))
 
 
-def test_ptq_loop_changes_nothing() -> None:
+def test_ptq_declares_that_it_does_not_train(compose_cfg) -> None:
+    """Post-training quantization is not sent through the optimizer loop: it needs no dummy
+    parameter, its prepared model is the trained one in eval mode, unchanged."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = synthetic(batch_size=8, seed=0)
     method = PTQInt8(data=data, criterion=CE, calibration_batches=1)
-    frozen = method.prepare(model)
-    frozen.train()
-    assert isinstance(frozen, Frozen) and not model.training
-    x, y = next(iter(data.train))
-    sum(method.loss(x, y, frozen(x)).values()).backward()
+    prepared = method.prepare(model)
+    assert prepared is model and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert list(method.parameters()) == []
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert method.loop_epochs == 1
+    for name in ("ptq_int8", "dynamic_int8"):
+        needs = needs_of(compose_cfg(f"method=quantize/{name}").method)
+        assert not needs.trains and needs.trained_start and not needs.distributed
 
 
 def test_on_cpu_wrapper_runs_the_int8_model() -> None:
@@ -298,11 +302,11 @@ def test_qat_with_kd_composes_and_distils(compose_cfg) -> None:
     data = synthetic(batch_size=8, seed=0)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     method = instantiate(cfg.method)(data=data, criterion=CE, teacher=teacher)
-    model = method.prepare(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Linear(16, 10)))
+    model = method.begin(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Linear(16, 10)))
     method.train()
     x, y = next(iter(data.train))
-    assert set(method.loss(x, y, model(x))) == {"ce", "kd"}
-    assert "teacher/test_acc1" in method.final_metrics()
+    assert set(method.loss(x, y, model(x), Step(0, 0))) == {"ce", "kd"}
+    assert "teacher/test_acc1" in method.summary()
 
 
 @pytest.mark.slow
@@ -337,9 +341,9 @@ def test_qat_keeps_pruned_zeros_while_training() -> None:
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.5)
     for step, (x, y) in zip(range(3), data.train, strict=False):
         optimizer.zero_grad()
-        sum(method.loss(x, y, prepared(x)).values()).backward()
+        sum(method.loss(x, y, prepared(x), Step(0, 0)).values()).backward()
         optimizer.step()
-        method.after_step(step)
+        method.after_step(Step(0, step))
     weight = prepared[1].weight
     assert bool((weight[zeros] == 0).all()) and bool((weight[~zeros] != 0).all())
     assert not hasattr(prepared[3], "sparsity_mask")  # the dense classifier is left alone

@@ -17,13 +17,14 @@ from torch import nn
 from kdexp.checkpoint import read_training_state
 from kdexp.dataset.synthetic import load as synthetic
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step
 from kdexp.method.baseline import Baseline
 from kdexp.resume import Interrupted, rng_state, set_rng_state
 from kdexp.schedule import cosine
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.mlflow import MlflowTracker
 from kdexp.tracking.spool import FILE_NAME, Spool
-from kdexp.tracking.spool import main as sync_main
+from kdexp.tracking.sync import main as sync_main
 from kdexp.train import LoopOptions, fit
 from tests.conftest import (
     ROOT,
@@ -50,8 +51,8 @@ class _SignalAt(Baseline):
         super().__init__(**kwargs)
         self.at, self.signum = at, signum
 
-    def after_step(self, step: int) -> dict[str, float]:
-        if step == self.at:
+    def after_step(self, ctx: Step) -> dict[str, float]:
+        if ctx.step == self.at:
             os.kill(os.getpid(), self.signum)
         return {}
 
@@ -110,8 +111,8 @@ def test_rng_state_round_trips_through_weights_only(tmp_path: Path) -> None:
 
 def test_skip_drops_non_finite_batches_and_counts_them(tmp_path: Path) -> None:
     class Poisoned(Baseline):
-        def loss(self, inputs, targets, logits):  # type: ignore[no-untyped-def]
-            terms = super().loss(inputs, targets, logits)
+        def loss(self, inputs, targets, logits, ctx):  # type: ignore[no-untyped-def]
+            terms = super().loss(inputs, targets, logits, ctx)
             if self.training and targets[0] == 3:  # some batches only
                 terms["ce"] = terms["ce"] * float("nan")
             return terms
@@ -155,9 +156,9 @@ _SLOW_STEPS = """
 import sys, time
 from kdexp.method.base import Method
 _after = Method.after_step
-def after_step(self, step):
+def after_step(self, ctx):
     time.sleep(0.05)
-    return _after(self, step)
+    return _after(self, ctx)
 Method.after_step = after_step
 from kdexp.cli import main
 main()

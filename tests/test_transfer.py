@@ -22,6 +22,7 @@ from kdexp.dataset.base import Data
 from kdexp.dataset.digits import load as digits
 from kdexp.dataset.synthetic import load as synthetic
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step
 from kdexp.method.finetune import Finetune
 from kdexp.run import run
 from tests.conftest import run_cli, tracking_overrides
@@ -178,7 +179,7 @@ def _step(method: Finetune, model: nn.Module, lr: float = 0.1) -> None:
     optimizer = torch.optim.SGD(groups, lr=lr)
     model.train()
     x, y = next(iter(method.data.train))
-    loss = sum(method.loss(x, y, model(x)).values())
+    loss = sum(method.loss(x, y, model(x), Step(0, 0)).values())
     optimizer.zero_grad()
     loss.backward()  # type: ignore[union-attr]
     optimizer.step()

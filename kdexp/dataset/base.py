@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from kdexp.dataset.augment import Augment, build_augment
+from kdexp.dataset.augment import crop_flip as crop_flip  # moved there; still importable here
+from kdexp.dataset.augment import random_flip as random_flip
 from kdexp.errors import ConfigError
 
 Batch = tuple[Tensor, Tensor]
@@ -39,8 +42,8 @@ class Data:
 class TensorLoader:
     """Batches from in-memory tensors: seeded shuffling and batch-wise augmentation.
 
-    ``last_rows`` holds the row indices of the batch most recently yielded, so that a method can
-    key per-sample state on it (cached teacher outputs, a contrastive memory bank).
+    :meth:`indexed` yields each batch with its row indices, which the training loop hands the
+    method in its step context (cached teacher outputs, a contrastive memory bank key on them).
     """
 
     def __init__(
@@ -49,7 +52,7 @@ class TensorLoader:
         targets: Tensor,
         batch_size: int,
         shuffle: bool = False,
-        augment: str | None = None,
+        augment: Any = None,  # None, a name in conf/dataset/augment/ or an Augment
         seed: int = 0,
         drop_last: bool = False,
     ) -> None:
@@ -57,7 +60,15 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.drop_last = drop_last
         self._generator = torch.Generator().manual_seed(seed)
-        self.last_rows: Tensor | None = None
+
+    @property
+    def augment(self) -> Augment | None:
+        """The batch augmentation of this split (a name given is looked up when set)."""
+        return self._augment
+
+    @augment.setter
+    def augment(self, value: Any) -> None:
+        self._augment = build_augment(value)
 
     def __len__(self) -> int:
         n = len(self.targets)
@@ -72,6 +83,11 @@ class TensorLoader:
         self._generator.set_state(state["generator"])
 
     def __iter__(self) -> Iterator[Batch]:
+        for x, y, _ in self.indexed():
+            yield x, y
+
+    def indexed(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The batches with the indices of their rows in :attr:`inputs`."""
         n = len(self.targets)
         order = torch.randperm(n, generator=self._generator) if self.shuffle else None
         for i in range(len(self)):
@@ -82,54 +98,19 @@ class TensorLoader:
             else:
                 rows = order[start : start + self.batch_size]
                 x, y = self.inputs[rows], self.targets[rows]
-            self.last_rows = rows
-            if self.augment == "crop_flip":
-                x = crop_flip(x, padding=4, generator=self._generator)
-            elif self.augment == "flip":
-                x = random_flip(x, generator=self._generator)
-            elif self.augment == "jitter":  # issue 13: Hinton et al. 2015's MNIST input jitter
-                x = jitter(x, max_shift=2, generator=self._generator)
-            yield x, y
+            if self.augment is not None:
+                x = self.augment(x, self._generator)
+            yield x, y, rows
 
 
-def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Mirror each image of a batch left-right with probability 1/2."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
-    if flip.any():
-        x = x.clone()
-        x[flip] = x[flip].flip(-1)
-    return x
-
-
-def crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """The standard CIFAR augmentation on a whole batch: zero-pad, random crop, random flip."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-    batch = torch.arange(n)[:, None, None, None]
-    chan = torch.arange(x.shape[1])[None, :, None, None]
-    return random_flip(padded[batch, chan, rows, cols], generator)
-
-
-def jitter(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Translate each image of a batch by a random whole number of pixels in
-    ``[-max_shift, max_shift]`` on each axis, independently per image (Hinton et al. 2015 jitter
-    MNIST digits by up to 2 pixels). The border is replicated, so a normalised background stays
-    background (zero padding would be grey there).
-    """
-    n, _, h, w = x.shape
-    p = max_shift
-    padded = F.pad(x, (p, p, p, p), mode="replicate")
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-    batch = torch.arange(n)[:, None, None, None]
-    chan = torch.arange(x.shape[1])[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+def indexed(loader: Iterable[Batch]) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """``loader``'s batches with the indices of their samples in the split, or None where the
+    loader does not know them (a DataLoader over files)."""
+    if isinstance(loader, TensorLoader):
+        yield from loader.indexed()
+        return
+    for x, y in loader:
+        yield x, y, None
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> Tensor:
@@ -247,7 +228,7 @@ def tensor_data(
     mean: Sequence[float],
     std: Sequence[float],
     scale: float = 255.0,
-    augment: str | None = None,
+    augment: Any = None,
     eval_batch_size: int | None = None,
     classes: Sequence[int] | None = None,
     train_limit: int | None = None,

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from kdexp.checkpoint import load_weights, read_state_dict
 from kdexp.errors import ConfigError
-from kdexp.method.base import Method
+from kdexp.method.base import Method, Needs
+from kdexp.surgery import shrink_to_fit
 
 MODES = ("full", "linear_probe")
 #: Keys of ``method.source``: what the source baseline changes in this run's config.
@@ -60,8 +62,6 @@ class Finetune(Method):
     unless the source sets it: a label budget is the target's.
     """
 
-    starts_from_trained = True
-
     def __init__(
         self,
         *,
@@ -96,6 +96,11 @@ class Finetune(Method):
         self.head: str | None = None
         self._hooks: list[RemovableHandle] = []
 
+    @classmethod
+    def needs(cls, cfg: DictConfig) -> Needs:
+        """A trained source model (and a teacher with a distill component)."""
+        return replace(super().needs(cfg), trained_start=True)
+
     def start_config(self, cfg: DictConfig) -> DictConfig | None:
         """The config of the source baseline: ``cfg`` with ``source``'s dataset in place."""
         if cfg.get("checkpoint") == "auto" and self.source is None:
@@ -128,8 +133,6 @@ class Finetune(Method):
         file may hold a head for any class count (a torchvision ImageNet state_dict) or none (a
         bare backbone); a file of another architecture fails on its backbone keys.
         """
-        from kdexp.method.prune.channel import shrink_to_fit  # it imports kdexp.method.base
-
         head = classifier_head(model)
         state = read_state_dict(path, key)
         skip = [k for k in model.state_dict() if k.startswith(head + ".")]
@@ -185,7 +188,3 @@ class Finetune(Method):
             handle.remove()
         self._hooks.clear()
         return model
-
-    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor) -> dict[str, Tensor]:
-        """Cross-entropy on the target labels."""
-        return {"ce": self.criterion(logits, targets)}

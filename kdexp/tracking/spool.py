@@ -13,9 +13,7 @@ acknowledgement ``{"sent": n}``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,48 +116,3 @@ def _send(client: MlflowClient, run_id: str, chunk: list[Record]) -> None:
             client.log_artifact(run_id, path, where)
     elif op == "status":
         client.set_terminated(run_id, chunk[0]["status"], chunk[0].get("end_time"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``kdexp-sync <run dir>``: send what a run could not send to its tracking store."""
-    parser = argparse.ArgumentParser(
-        prog="kdexp-sync",
-        description="Send the metrics, tags, artifacts and final status that a kdexp run kept in "
-        f"<run dir>/{FILE_NAME} while its tracking server was unreachable.",
-    )
-    parser.add_argument("run_dir", type=Path, help="the run's output folder (or the spool file)")
-    parser.add_argument("--uri", help="send to this tracking URI instead of the run's own")
-    args = parser.parse_args(argv)
-    path = args.run_dir if args.run_dir.is_file() else args.run_dir / FILE_NAME
-    if not path.is_file():
-        print(f"kdexp-sync: error: {path} does not exist", file=sys.stderr)
-        return 2
-    header, spool = Spool.read(path)
-    if not header:
-        print(f"kdexp-sync: error: {path} has no header line", file=sys.stderr)
-        return 2
-    uri = args.uri or header["uri"]
-    if not spool.pending:
-        print(f"kdexp-sync: nothing to send; run {header['run_id']} at {uri} has everything")
-        return 0
-    from mlflow.tracking import MlflowClient
-
-    from kdexp.tracking.mlflow import check_reachable, limit_http_retries
-
-    limit_http_retries(uri)
-    try:
-        check_reachable(uri)
-        count = spool.deliver(MlflowClient(tracking_uri=uri), header["run_id"])
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(
-            f"kdexp-sync: error: {len(spool.pending)} records not sent to {uri}: {reason}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"kdexp-sync: sent {count} records to run {header['run_id']} at {uri}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

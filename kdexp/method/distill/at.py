@@ -38,9 +38,9 @@ class AT(PairedFeatureLoss):
     term, feature_maps = "at", True
 
     def __init__(self, *, beta: float = 1000.0, p: float = 2.0, **kwargs: Any) -> None:
-        if not p > 0:
-            raise ConfigError("method.p", p, "a positive exponent")
         super().__init__(beta=beta, **kwargs)
+        if not p > 0:
+            raise ConfigError(self.key_of("p"), p, "a positive exponent")
         self.p = p
 
     def pair_loss(self, fs: Tensor, ft: Tensor) -> Tensor:

@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdexp.dataset.base import Data, TensorLoader
 from kdexp.errors import ConfigError
 from kdexp.features import FeatureTap
-from kdexp.method.base import Method
+from kdexp.method.base import Method, Needs, Step
 
 
 def pool_to_common_size(fs: Tensor, ft: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,9 +56,12 @@ def kd_loss(s_logits: Tensor, t_logits: Tensor, T: float) -> Tensor:
 
 
 class Distiller(Method):
-    """Base of the distillation methods: loss = ce_weight·CE + kd_weight·KD_T + method terms."""
+    """Base of the distillation methods: loss = ce_weight·CE + kd_weight·KD_T + method terms.
 
-    uses_teacher = True
+    A distiller is a method of its own (``method=distill/kd``) or the distill component of another
+    method (``+method/distill@method.distill=kd``: pruning or quantization while distilling).
+    """
+
     teacher: nn.Module
 
     def __init__(
@@ -66,6 +70,7 @@ class Distiller(Method):
         data: Data,
         criterion: nn.Module,
         teacher: nn.Module,
+        key: str = "method",
         T: float = 4.0,
         ce_weight: float = 1.0,
         kd_weight: float = 0.0,
@@ -73,31 +78,35 @@ class Distiller(Method):
         teacher_layers: Sequence[str] = (),
         cache_teacher: str | bool = "auto",
     ) -> None:
-        super().__init__(data=data, criterion=criterion)
+        super().__init__(data=data, criterion=criterion, key=key)
         if not T > 0:
-            raise ConfigError("method.T", T, "a positive temperature")
-        for key, value in (("method.ce_weight", ce_weight), ("method.kd_weight", kd_weight)):
+            raise ConfigError(self.key_of("T"), T, "a positive temperature")
+        for name, value in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
             if value < 0:
-                raise ConfigError(key, value, "a non-negative weight")
+                raise ConfigError(self.key_of(name), value, "a non-negative weight")
         if len(student_layers) != len(teacher_layers):
             raise ConfigError(
-                "method.teacher_layers",
+                self.key_of("teacher_layers"),
                 list(teacher_layers),
-                f"as many layers as method.student_layers ({list(student_layers)})",
+                f"as many layers as {self.key_of('student_layers')} ({list(student_layers)})",
             )
         if cache_teacher not in ("auto", True, False):
-            raise ConfigError("method.cache_teacher", cache_teacher, "auto, true or false")
+            raise ConfigError(self.key_of("cache_teacher"), cache_teacher, "auto, true or false")
         self.T, self.ce_weight, self.kd_weight = T, ce_weight, kd_weight
         self.student_layers, self.teacher_layers = list(student_layers), list(teacher_layers)
         self.cache_teacher = cache_teacher
         # Not a submodule: the teacher is not the method's state (checkpoints would carry a copy
         # of it every epoch) and never trains; _apply still moves it with the method.
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
-        self.teacher_tap = FeatureTap(teacher, self.teacher_layers, "method.teacher_layers")
+        self.teacher_tap = FeatureTap(teacher, self.teacher_layers, self.key_of("teacher_layers"))
         self.student: nn.Module | None = None
         self.student_tap: FeatureTap | None = None
-        self.epoch = 0  # epochs completed, for warm-ups
         self._cache: tuple[Tensor, list[Tensor]] | None = None
+
+    @classmethod
+    def needs(cls, cfg: DictConfig) -> Needs:
+        """A trained teacher."""
+        return Needs(teacher=True)
 
     # -- hooks for subclasses -----------------------------------------------------------------
     def build_connectors(self, s_shapes: list[torch.Size], t_shapes: list[torch.Size]) -> None:
@@ -110,8 +119,9 @@ class Distiller(Method):
         s_feats: list[Tensor],
         t_feats: list[Tensor],
         targets: Tensor,
+        ctx: Step,
     ) -> dict[str, Tensor]:
-        """The method's own weighted loss terms; none by default."""
+        """The method's own weighted loss terms; none by default. ``ctx`` is the loop's step."""
         return {}
 
     # -- the Method protocol ------------------------------------------------------------------
@@ -129,7 +139,7 @@ class Distiller(Method):
         """Hook the student's layers, build connectors from a dry pass, cache teacher outputs."""
         # Kept out of the method's submodules: its parameters belong to the model, not the method.
         self.__dict__["student"] = model
-        self.student_tap = FeatureTap(model, self.student_layers, "method.student_layers")
+        self.student_tap = FeatureTap(model, self.student_layers, self.key_of("student_layers"))
         inputs, _ = next(iter(self.data.val))
         inputs = inputs.to(next(model.parameters()).device)
         was_training = model.training
@@ -143,21 +153,20 @@ class Distiller(Method):
         self.build_connectors(s_shapes, t_shapes)
         return model
 
-    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor) -> dict[str, Tensor]:
+    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor, ctx: Step) -> dict[str, Tensor]:
         """CE and KD terms (those with a non-zero weight) plus the method's own terms."""
-        t_logits, t_feats = self._teacher_outputs(inputs)
+        t_logits, t_feats = self._teacher_outputs(inputs, ctx.rows)
         s_feats = self.student_tap.features if self.student_tap else []
         terms: dict[str, Tensor] = {}
         if self.ce_weight:
             terms["ce"] = self.ce_weight * self.criterion(logits, targets)
         if self.kd_weight:
             terms["kd"] = self.kd_weight * kd_loss(logits, t_logits, self.T)
-        terms.update(self.distill_terms(logits, t_logits, s_feats, t_feats, targets))
+        terms.update(self.distill_terms(logits, t_logits, s_feats, t_feats, targets, ctx))
         return terms
 
-    def after_epoch(self, epoch: int) -> dict[str, float]:
+    def after_epoch(self, ctx: Step) -> dict[str, float]:
         """``val/agreement`` (top-1, %) and ``val/kl`` (KL(teacher ‖ student) at T=1)."""
-        self.epoch = epoch + 1
         return self._compare_on(self.data.val, "val")
 
     def final_metrics(self) -> dict[str, float]:
@@ -177,7 +186,7 @@ class Distiller(Method):
         cacheable = isinstance(train, TensorLoader) and train.augment is None
         if self.cache_teacher is True and not cacheable:
             raise ConfigError(
-                "method.cache_teacher",
+                self.key_of("cache_teacher"),
                 True,
                 "auto or false: the training batches are augmented (or not held in memory), so "
                 "the teacher's outputs change every epoch",
@@ -195,8 +204,9 @@ class Distiller(Method):
         columns = [torch.cat(column) for column in zip(*feats, strict=True)] if feats[0] else []
         return torch.cat(logits), columns
 
-    def _teacher_outputs(self, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
-        rows = getattr(self.data.train, "last_rows", None)
+    def _teacher_outputs(self, inputs: Tensor, rows: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """The teacher's logits and features for a training batch: from the cache, by the batch's
+        sample indices ``rows``, where there is one."""
         if self.training and rows is not None and self._use_cache():
             if self._cache is None:
                 self._cache = self._fill_cache(inputs.device)
@@ -229,7 +239,7 @@ def require_layers(method: Distiller, name: str) -> None:
     """Raise :class:`ConfigError` unless ``method`` taps at least one pair of layers."""
     if not method.student_layers:
         raise ConfigError(
-            "method.student_layers",
+            method.key_of("student_layers"),
             method.student_layers,
             f"at least one layer: {name} compares student and teacher features "
             "(with method.teacher_layers of the same length)",
@@ -241,8 +251,8 @@ def require_feature_maps(
 ) -> None:
     """Raise :class:`ConfigError` unless every tapped feature is a ``b×c×h×w`` map."""
     for key, layers, shapes in (
-        ("method.student_layers", method.student_layers, s_shapes),
-        ("method.teacher_layers", method.teacher_layers, t_shapes),
+        (method.key_of("student_layers"), method.student_layers, s_shapes),
+        (method.key_of("teacher_layers"), method.teacher_layers, t_shapes),
     ):
         for layer, shape in zip(layers, shapes, strict=True):
             if len(shape) != 4:
@@ -266,9 +276,9 @@ class PairedFeatureLoss(Distiller):
     feature_maps = False
 
     def __init__(self, *, beta: float, **kwargs: Any) -> None:
-        if beta < 0:
-            raise ConfigError("method.beta", beta, "a non-negative weight")
         super().__init__(**kwargs)
+        if beta < 0:
+            raise ConfigError(self.key_of("beta"), beta, "a non-negative weight")
         require_layers(self, type(self).__name__)
         self.beta = beta
 
@@ -288,6 +298,7 @@ class PairedFeatureLoss(Distiller):
         s_feats: list[Tensor],
         t_feats: list[Tensor],
         targets: Tensor,
+        ctx: Step,
     ) -> dict[str, Tensor]:
         """``term``: β times :meth:`pair_loss` summed over the layer pairs."""
         pairs = zip(s_feats, t_feats, strict=True)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdexp.errors import ConfigError
+from kdexp.method.base import Step
 from kdexp.method.distill.base import Distiller
 
 
@@ -72,17 +73,22 @@ class DKD(Distiller):
         T: float = 4.0,
         **kwargs: Any,
     ) -> None:
-        for key, value in (("method.alpha", alpha), ("method.beta", beta)):
-            if value < 0:
-                raise ConfigError(key, value, "a non-negative weight")
-        if warmup < 0:
-            raise ConfigError("method.warmup", warmup, "a number of epochs ≥ 0 (0: no warm-up)")
         super().__init__(T=T, **kwargs)
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if value < 0:
+                raise ConfigError(self.key_of(name), value, "a non-negative weight")
+        if warmup < 0:
+            raise ConfigError(
+                self.key_of("warmup"), warmup, "a number of epochs ≥ 0 (0: no warm-up)"
+            )
         self.alpha, self.beta, self.warmup = alpha, beta, warmup
 
-    def warmup_factor(self) -> float:
-        """The weight of the DKD terms in the current epoch: linear up to 1 over ``warmup``."""
-        return 1.0 if self.warmup == 0 else min((self.epoch + 1) / self.warmup, 1.0)
+    def warmup_factor(self, epoch: int) -> float:
+        """The weight of the DKD terms in ``epoch`` (from 0): linear up to 1 over ``warmup``.
+
+        The epoch comes from the loop's step context, so a resumed run warms up where it was.
+        """
+        return 1.0 if self.warmup == 0 else min((epoch + 1) / self.warmup, 1.0)
 
     def distill_terms(
         self,
@@ -91,10 +97,11 @@ class DKD(Distiller):
         s_feats: list[Tensor],
         t_feats: list[Tensor],
         targets: Tensor,
+        ctx: Step,
     ) -> dict[str, Tensor]:
         """``dkd_tckd`` and ``dkd_nckd``, each weighted and warmed up."""
         tckd, nckd = dkd_loss(
             s_logits.float(), t_logits.float(), targets, self.alpha, self.beta, self.T
         )
-        w = self.warmup_factor()
+        w = self.warmup_factor(ctx.epoch)
         return {"dkd_tckd": w * tckd, "dkd_nckd": w * nckd}

@@ -15,6 +15,7 @@ class KD(Distiller):
     """
 
     def __init__(self, *, alpha: float = 0.9, T: float = 4.0, **kwargs: Any) -> None:
-        if not 0 <= alpha <= 1:
-            raise ConfigError("method.alpha", alpha, "a weight in [0, 1]")
+        if not 0 <= alpha <= 1:  # checked first: the base class would name 1 - alpha
+            key = kwargs.get("key", "method")
+            raise ConfigError(f"{key}.alpha", alpha, "a weight in [0, 1]")
         super().__init__(T=T, ce_weight=1 - alpha, kd_weight=alpha, **kwargs)

@@ -1,6 +1,7 @@
 """What every pruning method shares: the schedule of mask updates, the choice of prunable layers,
-re-applying masks after each optimizer step, optional distillation, the dense model's statistics,
-and the sparsity metrics and artifacts.
+re-applying masks after each optimizer step, the dense model's statistics, and the sparsity metrics
+and artifacts. Pruning while distilling is the base class's distill component
+(:class:`kdexp.method.base.Method`): nothing here forwards to it.
 
 A method subclasses :class:`Pruner` and implements
 
@@ -17,22 +18,24 @@ import copy
 import csv
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from omegaconf import DictConfig
+from torch import nn
 
 from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
 from kdexp.features import describe_modules
-from kdexp.method.base import Method
-from kdexp.method.prune.schedule import SCHEDULES, plan
+from kdexp.method.base import Method, Needs, Step
+from kdexp.method.prune.schedule import LEGACY_KNOBS, Schedule, build_schedule
 from kdexp.stats import count_params, flops, latency_ms
+from kdexp.surgery import PRUNABLE
 
 log = logging.getLogger(__name__)
 
-PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 SCOPES = ("global", "layerwise")
 
 
@@ -76,13 +79,12 @@ def select_layers(
 
 
 class Pruner(Method):
-    """Base of the pruning methods: loss = CE (or the distiller's terms) + the method's terms.
+    """Base of the pruning methods: loss = CE (or the distill component's terms) + the method's
+    terms.
 
     Masks are updated at the steps of the schedule and re-applied after every optimizer step, so
     pruned weights stay exactly zero while the rest is fine-tuned.
     """
-
-    starts_from_trained = True
 
     def __init__(
         self,
@@ -91,45 +93,36 @@ class Pruner(Method):
         criterion: nn.Module,
         sparsity: float,
         epochs: int,
-        schedule: str = "oneshot",
+        schedule: str | Schedule = "oneshot",  # a name in conf/method/prune/schedule/ or a Schedule
         scope: str = "global",
         keep_first: bool = False,
         keep_last: bool = False,
         layers: Sequence[str] | None = None,
-        initial_sparsity: float = 0.0,
-        start_epoch: int = 0,
-        frequency: int = 10,
-        updates: int = 10,
-        rounds: int = 3,
-        epochs_per_round: int = 1,
         calibration_batches: int = 8,
+        key: str = "method",
         distill: Callable[..., Method] | None = None,
         teacher: nn.Module | None = None,
+        # Deprecated flat knobs: set on the schedule (method.schedule.frequency=...) with a warning.
+        initial_sparsity: float | None = None,
+        start_epoch: int | None = None,
+        frequency: int | None = None,
+        updates: int | None = None,
+        rounds: int | None = None,
+        epochs_per_round: int | None = None,
     ) -> None:
-        super().__init__(data=data, criterion=criterion)
+        super().__init__(data=data, criterion=criterion, key=key, distill=distill, teacher=teacher)
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float):
             raise ConfigError("method.sparsity", sparsity, "a fraction in [0, 1)")
         if not 0 <= sparsity < 1:
             raise ConfigError("method.sparsity", sparsity, "a fraction in [0, 1)")
         if scope not in SCOPES:
             raise ConfigError("method.scope", scope, "one of " + ", ".join(SCOPES))
-        if schedule not in SCHEDULES:
-            raise ConfigError("method.schedule", schedule, "one of " + ", ".join(SCHEDULES))
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ConfigError("method.calibration_batches", calibration_batches, "a positive int")
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError("method.epochs", epochs, "a positive integer (${schedule.epochs})")
         steps_per_epoch = len(data.train)  # type: ignore[arg-type]
-        self.sparsity, self.schedule, self.scope = float(sparsity), schedule, scope
-        self.keep_first, self.keep_last = keep_first, keep_last
-        self.layers = list(layers) if layers is not None else None
-        self.calibration_batches = calibration_batches
-        self.plan = plan(
-            schedule,
-            float(sparsity),
-            total_steps=epochs * steps_per_epoch,
-            steps_per_epoch=steps_per_epoch,
-            epochs=epochs,
+        legacy = dict(
             initial_sparsity=initial_sparsity,
             start_epoch=start_epoch,
             frequency=frequency,
@@ -137,16 +130,28 @@ class Pruner(Method):
             rounds=rounds,
             epochs_per_round=epochs_per_round,
         )
+        assert set(legacy) == set(LEGACY_KNOBS)
+        self.schedule = build_schedule(schedule, legacy)
+        self.sparsity, self.scope = float(sparsity), scope
+        self.keep_first, self.keep_last = keep_first, keep_last
+        self.layers = list(layers) if layers is not None else None
+        self.calibration_batches = calibration_batches
+        self.plan = self.schedule.plan(
+            float(sparsity),
+            total_steps=epochs * steps_per_epoch,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+        )
         self._updates = dict(self.plan)
-        self.distiller: Method | None = None
-        if distill is not None:
-            if teacher is None:
-                raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
-            self.distiller = distill(data=data, criterion=criterion, teacher=teacher)
         self.curve: list[tuple[int, float, float]] = []  # (step, target, reached)
         self.layer_sparsity: dict[str, float] = {}
         self.rounds_done = 0
         self._dense: nn.Module | None = None
+
+    @classmethod
+    def needs(cls, cfg: DictConfig) -> Needs:
+        """A trained model to start from (and a teacher with a distill component)."""
+        return replace(super().needs(cfg), trained_start=True)
 
     # -- for subclasses -----------------------------------------------------------------------
     def setup(self, model: nn.Module) -> None:
@@ -161,10 +166,6 @@ class Pruner(Method):
         """Zero what is pruned."""
         raise NotImplementedError
 
-    def extra_terms(self) -> dict[str, Tensor]:
-        """The method's own loss terms; none by default."""
-        return {}
-
     @property
     def model(self) -> nn.Module:
         model = self.__dict__.get("_model")
@@ -174,54 +175,36 @@ class Pruner(Method):
 
     # -- the Method protocol ------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Keep a CPU copy of the dense model, choose the prunable layers, prepare distillation."""
+        """Keep a CPU copy of the dense model and choose the prunable layers."""
         # A plain attribute, not a submodule: not trained, not moved, not in method.parameters().
         self.__dict__["_dense"] = copy.deepcopy(model).cpu().eval().requires_grad_(False)
-        if self.distiller is not None:
-            model = self.distiller.prepare(model)
         # Kept out of the method's submodules: its parameters belong to the model.
         self.__dict__["_model"] = model
         self.setup(model)
         return model
 
-    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor) -> dict[str, Tensor]:
-        """The distiller's terms (or CE) plus the method's own terms (``reg``)."""
-        if self.distiller is not None:
-            terms = self.distiller.loss(inputs, targets, logits)
-        else:
-            terms = {"ce": self.criterion(logits, targets)}
-        return {**terms, **self.extra_terms()}
-
-    def after_step(self, step: int) -> dict[str, float]:
+    def after_step(self, ctx: Step) -> dict[str, float]:
         """Update the masks at the schedule's steps (returning the sparsities); re-apply them."""
-        metrics: dict[str, float] = {}
-        if self.distiller is not None:
-            metrics.update(self.distiller.after_step(step))
-        target = self._updates.get(step)
+        target = self._updates.get(ctx.step)
         if target is None:
             with torch.no_grad():
                 self.apply_masks()
-            return metrics
+            return {}
         reached = self.update(target)
         with torch.no_grad():
             self.apply_masks()
         self.layer_sparsity = {k: v for k, v in reached.items() if k}
-        self.curve.append((step, target, reached[""]))
+        self.curve.append((ctx.step, target, reached[""]))
         self.rounds_done += 1
-        metrics.update(
-            {
-                "sparsity/global": reached[""],
-                "sparsity/target": target,
-                **{f"sparsity/{k}": v for k, v in self.layer_sparsity.items()},
-            }
-        )
-        if self.schedule == "iterative":
+        metrics = {
+            "sparsity/global": reached[""],
+            "sparsity/target": target,
+            **{f"sparsity/{k}": v for k, v in self.layer_sparsity.items()},
+        }
+        if self.schedule.counts_rounds:
             metrics["prune/round"] = self.rounds_done
             log.info("pruning round %d: sparsity %.4f", self.rounds_done, reached[""])
         return metrics
-
-    def after_epoch(self, epoch: int) -> dict[str, float]:
-        return self.distiller.after_epoch(epoch) if self.distiller is not None else {}
 
     def get_extra_state(self) -> dict[str, Any]:
         """The schedule's position and the masks, saved in ``method.state_dict()`` (resume)."""
@@ -253,15 +236,13 @@ class Pruner(Method):
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Apply the final masks (also to best-epoch weights reloaded by ``test_on=best``)."""
-        if self.distiller is not None:
-            model = self.distiller.finalize(model)
         with torch.no_grad():
             self.apply_masks()
         return model
 
     def final_metrics(self) -> dict[str, float]:
         """``model/dense_{params,flops,latency_ms}`` of the starting model, the final sparsity."""
-        metrics = dict(self.distiller.final_metrics()) if self.distiller is not None else {}
+        metrics: dict[str, float] = {}
         if self._dense is not None:
             self._dense.eval()
             one = torch.randn(1, *self.data.input_shape)
@@ -289,7 +270,7 @@ class Pruner(Method):
         steps = [c[0] for c in self.curve]
         ax.plot(steps, [c[1] for c in self.curve], "o--", label="target")
         ax.plot(steps, [c[2] for c in self.curve], ".-", label="reached")
-        ax.set(xlabel="step", ylabel="sparsity", title=f"{self.schedule} schedule")
+        ax.set(xlabel="step", ylabel="sparsity", title=f"{self.schedule.name} schedule")
         ax.legend()
         fig.tight_layout()
         paths.append(folder / "sparsity_curve.png")

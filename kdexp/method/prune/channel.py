@@ -12,9 +12,10 @@ channels for real and returns the smaller model. ``sparsity`` is the fraction of
 of each group (``scope: layerwise``) or of all groups together with normalised importance
 (``scope: global``, at least one channel left per group). The classifier's outputs are never pruned.
 
-Importance (``importance``): ``l1`` / ``l2`` group filter norms (Li et al. 2017), ``bn_scale``
-(|γ| of the BatchNorm, network slimming, Liu et al. 2017) or ``taylor`` (|w·∂L/∂w| over
-``calibration_batches`` batches, Molchanov et al. 2019).
+Importance (``importance``, :mod:`kdexp.method.prune.importance`): ``l1`` / ``l2`` group filter
+norms (Li et al. 2017), ``bn_scale`` (|γ| of the BatchNorm, network slimming, Liu et al. 2017) or
+``taylor`` (|w·∂L/∂w| over ``calibration_batches`` batches, Molchanov et al. 2019); a new one is
+a :class:`~kdexp.method.prune.importance.ChannelImportance` and a yaml.
 
 A shrunk checkpoint is an ordinary state_dict with smaller shapes: :func:`load_pruned` rebuilds the
 architecture from its config, removes channels until the shapes fit, and loads it (weights_only).
@@ -22,8 +23,7 @@ architecture from its config, removes channels until the shapes fit, and loads i
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,28 +31,18 @@ import torch_pruning as tp
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from kdexp.checkpoint import load_weights, read_state_dict
 from kdexp.errors import ConfigError
 from kdexp.features import describe_modules
-from kdexp.method.prune.base import PRUNABLE, Pruner
-
-IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
+from kdexp.method.base import Needs
+from kdexp.method.prune.base import Pruner
+from kdexp.method.prune.importance import ChannelImportance, build_importance
+from kdexp.surgery import PRUNABLE, classifier, trace
 
 Slice = tuple[Tensor, int, Tensor]  # (parameter, dim, channel indices)
 
 
 class _Unsupported(Exception):
     """A group holds a parameter that cannot be zeroed channel-wise (so it cannot be masked)."""
-
-
-def _importance(name: str) -> tp.importance.Importance:
-    if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if name == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if name == "bn_scale":
-        return tp.importance.BNScaleImportance()
-    return tp.importance.GroupTaylorImportance()
 
 
 def _slices(graph: tp.DependencyGraph, group: Any) -> list[Slice]:
@@ -100,34 +90,18 @@ def _example(data_loader: Any, device: torch.device) -> Tensor:
     return inputs[:2].to(device)
 
 
-def _classifier(model: nn.Module) -> nn.Module | None:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears:
-        return linears[-1]
-    prunable = [m for m in model.modules() if isinstance(m, PRUNABLE)]
-    return prunable[-1] if prunable else None
-
-
-def _trace(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example, verbose=False)
-    finally:
-        model.train(was_training)
-
-
 class Channel(Pruner):
     """Remove whole channels (filters) chosen by group importance; the model really shrinks."""
 
-    supports_distributed = False  # DistributedDataParallel cannot follow shrinking parameters
+    @classmethod
+    def needs(cls, cfg: DictConfig) -> Needs:
+        """Single-process only: DistributedDataParallel cannot follow shrinking parameters."""
+        return replace(super().needs(cfg), distributed=False)
 
-    def __init__(self, *, importance: str = "l1", **kwargs: Any) -> None:
-        if importance not in IMPORTANCES:
-            raise ConfigError("method.importance", importance, "one of " + ", ".join(IMPORTANCES))
+    def __init__(self, *, importance: str | ChannelImportance = "l1", **kwargs: Any) -> None:
+        criterion = build_importance(importance)
         super().__init__(**kwargs)
-        self.importance = importance
+        self.importance = criterion
         self.graph: tp.DependencyGraph | None = None
         # name -> (root module, root pruning function, channel count)
         self.groups: dict[str, tuple[nn.Module, Any, int]] = {}
@@ -138,10 +112,10 @@ class Channel(Pruner):
     # -- setup --------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> None:
         device = next(model.parameters()).device
-        graph = _trace(model, _example(self.data.val, device))
+        graph = trace(model, _example(self.data.val, device))
         self.graph = graph
         names = {m: n for n, m in model.named_modules()}
-        ignored = [m for m in [_classifier(model)] if m is not None]
+        ignored = [m for m in [classifier(model)] if m is not None]
         if self.keep_first:
             ignored.append(next(m for m in model.modules() if isinstance(m, PRUNABLE)))
         modules = dict(model.named_modules())
@@ -207,11 +181,7 @@ class Channel(Pruner):
             return f"its group holds {type(culprit).__name__} {names.get(culprit, '')}, which " + (
                 "cannot be masked channel-wise"
             )
-        if self.importance == "bn_scale" and not any(
-            isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) for dep, _ in group
-        ):
-            return "its group has no BatchNorm for importance=bn_scale"
-        return ""
+        return self.importance.unprunable(group)
 
     # -- masks --------------------------------------------------------------------------------
     def _group(self, name: str, idxs: list[int]) -> Any:
@@ -220,9 +190,9 @@ class Channel(Pruner):
         return self.graph.get_pruning_group(root, fn, idxs)
 
     def _scores(self) -> dict[str, Tensor]:
-        scorer = _importance(self.importance)
+        scorer = self.importance.scorer()
         grads: dict[nn.Parameter, Tensor] = {}
-        if self.importance == "taylor":
+        if self.importance.needs_gradients:
 
             def add() -> None:
                 for p in self.model.parameters():
@@ -236,7 +206,7 @@ class Channel(Pruner):
         for name, (_, _, n) in self.groups.items():
             s = scorer(self._group(name, list(range(n))))
             if s is None:
-                raise RuntimeError(f"importance {self.importance} gave no score for {name}")
+                raise RuntimeError(f"importance {self.importance.name} gave no score for {name}")
             s = s.detach().float().cpu().clone()
             s[self.pruned[name]] = float("-inf")
             scores[name] = s
@@ -315,80 +285,3 @@ class Channel(Pruner):
     def csv_row(self, name: str) -> list[Any]:
         n = self.groups[name][2]
         return [n, n - len(self.pruned[name]), f"{self.layer_sparsity[name]:.6f}"]
-
-
-def is_narrower(state: Mapping[str, Tensor], model: nn.Module, skip: Collection[str] = ()) -> bool:
-    """Whether ``state`` looks like a channel-pruned version of ``model``: the same entries, each
-    with the same number of dimensions, none wider, some narrower. ``skip`` entries (a
-    fine-tuned model's new head) are left out of the comparison."""
-    own = {k: v for k, v in model.state_dict().items() if k not in skip}
-    theirs = {k: v for k, v in state.items() if k not in skip}
-    if set(own) != set(theirs):
-        return False
-    shapes = [(tuple(theirs[k].shape), tuple(v.shape)) for k, v in own.items()]
-    if any(len(a) != len(b) or any(x > y for x, y in zip(a, b, strict=True)) for a, b in shapes):
-        return False
-    return any(a != b for a, b in shapes)
-
-
-def shrink_to_fit(
-    model: nn.Module,
-    state: Mapping[str, Tensor],
-    input_shape: tuple[int, ...],
-    skip: Collection[str] = (),
-) -> bool:
-    """Cut ``model``'s channel groups, in place, to the widths found in ``state``; True if it did.
-
-    Nothing changes unless ``state`` :func:`is_narrower` than ``model`` (a checkpoint of another
-    model is left to the loader's shape check). Which channels go is irrelevant: all weights
-    are loaded afterwards. The classifier's outputs are kept, as :class:`Channel` keeps them.
-    """
-    if not is_narrower(state, model, skip):
-        return False
-    device = next(model.parameters()).device
-    graph = _trace(model, torch.zeros(2, *input_shape, device=device))
-    names = {m: n for n, m in model.named_modules()}
-    ignored = [m for m in [_classifier(model)] if m is not None]
-    for group in list(graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE)):
-        root = group[0].dep.target.module
-        weight = state.get(f"{names[root]}.weight")
-        if weight is None:
-            continue
-        pruner = graph.get_pruner_of_module(root)
-        have = pruner.get_out_channels(root)
-        dim = 1 if isinstance(root, nn.modules.conv._ConvNd) and root.transposed else 0
-        want = weight.shape[dim] * (root.groups if dim == 1 else 1)
-        if want < have:
-            graph.get_pruning_group(
-                root, pruner.prune_out_channels, list(range(have - want))
-            ).prune()
-    return True
-
-
-def load_pruned(
-    model: nn.Module | DictConfig | Mapping[str, Any],
-    path: str | Path,
-    input_shape: tuple[int, ...] | None = None,
-    key: str = "checkpoint",
-) -> nn.Module:
-    """Load a channel-pruned checkpoint (weights_only) into ``model`` after shrinking it to fit.
-
-    ``model`` is the dense architecture (a module, or its model config: then it is instantiated
-    and ``input_shape`` is taken from ``in_channels`` and ``image_size``). Each channel group is
-    cut to the width found in the checkpoint (:func:`shrink_to_fit`), so a shrunk model is saved
-    as its plain ``state_dict``. A dense checkpoint loads too.
-    """
-    if isinstance(model, nn.Module):
-        net = model
-    else:
-        from hydra.utils import instantiate
-
-        net = instantiate(model)
-        if input_shape is None:
-            size = model["image_size"]
-            input_shape = (model["in_channels"], size, size)
-    if input_shape is None:
-        raise ValueError("input_shape is needed to trace a model given as a module")
-    shrink_to_fit(net, read_state_dict(path, key), input_shape)
-    load_weights(net, path, key)
-    return net

@@ -10,13 +10,16 @@ state_dict of the same architecture with exact zeros.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
 from kdexp.errors import ConfigError
+from kdexp.method.base import Needs, Step
 from kdexp.method.prune.base import Pruner, select_layers
 
 
@@ -124,7 +127,10 @@ class Sensitivity(Unstructured):
     ``calibration_batches`` training batches (LeCun et al. 1990 / Mozer & Smolensky 1989, the
     first-order term)."""
 
-    supports_distributed = False  # each rank would score its own slice of the batches
+    @classmethod
+    def needs(cls, cfg: DictConfig) -> Needs:
+        """Single-process only: under torchrun each rank would score its own slice of batches."""
+        return replace(super().needs(cfg), distributed=False)
 
     def _accumulated(self, taylor: bool) -> dict[str, Tensor]:
         weights = {n: _weight(m) for n, m in self.targets.items()}
@@ -162,6 +168,7 @@ class L1Regularization(Magnitude):
         super().__init__(**kwargs)
         self.l1 = l1
 
-    def extra_terms(self) -> dict[str, Tensor]:
+    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor, ctx: Step) -> dict[str, Tensor]:
+        """CE (or the distill component's terms) plus ``reg``: λ·Σ|w|."""
         total = torch.stack([_weight(m).abs().sum() for m in self.targets.values()]).sum()
-        return {"reg": self.l1 * total}
+        return {**super().loss(inputs, targets, logits, ctx), "reg": self.l1 * total}

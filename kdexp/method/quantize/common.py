@@ -5,16 +5,19 @@ report about itself."""
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
-from kdexp.method.base import Method
+from kdexp.evaluation import evaluate
+from kdexp.method.base import Method, Needs
 from kdexp.stats import count_params, flops
-from kdexp.train import evaluate
 
 
 def calibration_inputs(data: Data, batches: int) -> list[Tensor]:
@@ -50,13 +53,17 @@ class QuantMethod(Method):
     model: the same multiply-adds that the integer kernels run.
     """
 
-    starts_from_trained = True
     bits = 8
 
-    def __init__(self, *, data: Data, criterion: nn.Module) -> None:
-        super().__init__(data=data, criterion=criterion)
+    def __init__(self, *, data: Data, criterion: nn.Module, **kwargs: Any) -> None:
+        super().__init__(data=data, criterion=criterion, **kwargs)
         self._metrics: dict[str, float] = {}
         self._errors: list[dict[str, object]] = []
+
+    @classmethod
+    def needs(cls, cfg: DictConfig) -> Needs:
+        """A trained model to quantize (and a teacher with a distill component)."""
+        return replace(super().needs(cfg), trained_start=True)
 
     @torch.no_grad()
     def record_fp32(self, model: nn.Module) -> None:

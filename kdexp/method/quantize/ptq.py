@@ -1,73 +1,48 @@
 """Post-training quantization: int8 static (calibrated) and int8 dynamic.
 
-Neither trains. ``prepare`` freezes the trained model (no gradients, BatchNorm statistics kept) and
-asks the run's loop for a single epoch (``loop_epochs = 1``: that epoch only evaluates), so
-``schedule.epochs`` keeps meaning the recipe of the baseline the run starts from (with
-``checkpoint: auto`` and no finished baseline of this model, dataset and seed, that baseline is
-trained first with the run's schedule). ``finalize`` converts with
-:mod:`kdexp.method.quantize.backend`.
+Neither trains: they declare ``Needs(trains=False)``, so the run evaluates the trained model once
+on the validation split and goes straight to ``finalize``, which converts with
+:mod:`kdexp.method.quantize.backend`. ``schedule.epochs`` keeps meaning the recipe of the baseline
+the run starts from (with ``checkpoint: auto`` and no finished baseline of this model, dataset and
+seed, that baseline is trained first with the run's schedule).
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
+from typing import Any
+
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import nn
 
 from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
+from kdexp.method.base import Needs
 from kdexp.method.quantize import backend
 from kdexp.method.quantize.common import QuantMethod, calibration_inputs, check_calibration
 
 
-class Frozen(nn.Module):
-    """The trained model, unchanged by the loop: no gradients, always in eval mode."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> Frozen:
-        """Record the mode, keep the model in eval mode (BatchNorm statistics, no dropout)."""
-        self.training = mode
-        self.module.eval()
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The frozen model's output."""
-        return self.module(x)
-
-
 class _PostTraining(QuantMethod):
-    """Freeze in ``prepare``; the loop's one epoch leaves the model as it was."""
+    """Check in ``prepare`` that the backend can convert the model; convert in ``finalize``."""
 
-    loop_epochs = 1
-    supports_distributed = False  # nothing to train in parallel; calibration wants every batch
-
-    def __init__(self, *, data: Data, criterion: nn.Module) -> None:
-        super().__init__(data=data, criterion=criterion)
-        # The loop back-propagates the loss and the optimizer needs a parameter; nothing else
-        # trains, and this one gets no gradient signal (it enters the loss times zero).
-        self.anchor = nn.Parameter(torch.zeros(()))
+    @classmethod
+    def needs(cls, cfg: DictConfig) -> Needs:
+        """Nothing to train (so nothing to train in parallel: calibration wants every batch)."""
+        return replace(super().needs(cfg), trains=False, distributed=False)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """The model frozen: the loop evaluates it and changes nothing."""
+        """The trained model in eval mode, unchanged; raises ConfigError if it cannot convert."""
         self.check(model)
-        return Frozen(model)
+        return model.requires_grad_(False).eval()
 
     def check(self, model: nn.Module) -> None:
         """Raise ConfigError if the backend cannot quantize ``model``."""
 
-    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor) -> dict[str, Tensor]:
-        """The frozen model's cross-entropy, for the record (it trains nothing)."""
-        return {"ce": self.criterion(logits, targets) + 0.0 * self.anchor}
-
     def finalize(self, model: nn.Module) -> nn.Module:
         """The converted model, on CPU (wrapped to accept inputs from another device)."""
-        inner = model.module if isinstance(model, Frozen) else model
-        device = next(inner.parameters()).device
-        self.record_fp32(inner)
-        quantized = self.convert(inner)
+        device = next(model.parameters()).device
+        self.record_fp32(model)
+        quantized = self.convert(model)
         return quantized if device.type == "cpu" else backend.OnCpu(quantized)
 
     def convert(self, model: nn.Module) -> nn.Module:
@@ -82,8 +57,10 @@ class PTQInt8(_PostTraining):
     (x86/fbgemm, qnnpack on ARM).
     """
 
-    def __init__(self, *, data: Data, criterion: nn.Module, calibration_batches: int = 32) -> None:
-        super().__init__(data=data, criterion=criterion)
+    def __init__(
+        self, *, data: Data, criterion: nn.Module, calibration_batches: int = 32, **kwargs: Any
+    ) -> None:
+        super().__init__(data=data, criterion=criterion, **kwargs)
         check_calibration(data, calibration_batches)
         self.calibration_batches = calibration_batches
 
@@ -110,9 +87,13 @@ class DynamicInt8(_PostTraining):
     batch at run time (no calibration). Suits Linear-heavy models (MLPs, transformers)."""
 
     @classmethod
-    def onnx_unsupported(cls, cfg: DictConfig) -> str | None:
+    def needs(cls, cfg: DictConfig) -> Needs:
         """torch.onnx has no mapping for torch.ao's dynamic int8 Linear (linear_dynamic)."""
-        return "torch.onnx cannot export dynamic int8 layers"
+        reason = (
+            "torch.onnx cannot export dynamic int8 layers; method=quantize/ptq_int8 gives "
+            "static int8 layers that it can"
+        )
+        return replace(super().needs(cfg), cannot_export={"onnx": reason})
 
     def check(self, model: nn.Module) -> None:
         """A model without Linear layers has nothing to quantize dynamically."""

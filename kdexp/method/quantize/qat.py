@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
-from kdexp.method.base import Method
+from kdexp.method.base import Needs, Step
 from kdexp.method.quantize import backend
 from kdexp.method.quantize.common import QuantMethod, calibration_inputs, check_calibration
 from kdexp.method.quantize.fake import (
@@ -23,7 +23,7 @@ from kdexp.method.quantize.fake import (
     set_module,
     to_fake,
 )
-from kdexp.method.quantize.packed import packed_from
+from kdexp.packed import packed_from
 
 BITS = (8, 4, 2, 1)
 
@@ -58,10 +58,9 @@ class QAT(QuantMethod):
         keep_first_last_8bit: bool = True,
         calibration_batches: int = 8,
         keep_sparsity: bool = True,
-        distill: Callable[..., Method] | None = None,
-        teacher: nn.Module | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data=data, criterion=criterion)
+        super().__init__(data=data, criterion=criterion, **kwargs)
         if isinstance(bits, bool) or bits not in BITS:
             raise ConfigError("method.bits", bits, "one of 8, 4, 2, 1")
         if bits == 8:
@@ -73,23 +72,23 @@ class QAT(QuantMethod):
         self.keep_sparsity = bool(keep_sparsity)
         self._masked: list[nn.Module] = []  # fake layers whose pruned zeros stay zero
         self.layer_bits: dict[str, int] = {}
-        self.distiller: Method | None = None
-        if distill is not None:
-            if teacher is None:
-                raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
-            self.distiller = distill(data=data, criterion=criterion, teacher=teacher)
 
     @classmethod
-    def onnx_unsupported(cls, cfg: DictConfig) -> str | None:
+    def needs(cls, cfg: DictConfig) -> Needs:
         """Below 8 bits the weights are unpacked with bit shifts that torch.onnx cannot export."""
+        needs = super().needs(cfg)
         bits = cfg.get("bits", 4)
-        if bits != 8:
-            return f"method.bits={bits} stores packed weights that torch.onnx cannot export"
-        return None
+        if bits == 8:
+            return needs
+        reason = (
+            f"method.bits={bits} stores packed weights that torch.onnx cannot export; "
+            "method.bits=8 or method=quantize/ptq_int8 give int8 layers that it can"
+        )
+        return replace(needs, cannot_export={"onnx": reason})
 
     # -- the Method protocol ------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Replace each Conv2d/Linear by its fake-quantizing copy; then the distiller's prepare."""
+        """Replace each Conv2d/Linear by its fake-quantizing copy."""
         layers = quantizable_layers(model)
         if not layers:
             raise ConfigError(
@@ -105,25 +104,14 @@ class QAT(QuantMethod):
                 fake.register_buffer("sparsity_mask", (weight != 0).to(weight.dtype))
                 self._masked.append(fake)
             set_module(model, name, fake)
-        if self.distiller is not None:
-            model = self.distiller.prepare(model)
         return model
 
-    def loss(self, inputs: Tensor, targets: Tensor, logits: Tensor) -> dict[str, Tensor]:
-        """The distiller's terms, or cross-entropy."""
-        if self.distiller is not None:
-            return self.distiller.loss(inputs, targets, logits)
-        return super().loss(inputs, targets, logits)
-
-    def after_step(self, step: int) -> dict[str, float]:
-        """Re-zero the pruned weights (``keep_sparsity``); then the distiller's step."""
+    def after_step(self, ctx: Step) -> dict[str, float]:
+        """Re-zero the pruned weights (``keep_sparsity``)."""
         with torch.no_grad():
             for fake in self._masked:
                 cast(Tensor, fake.weight).mul_(cast(Tensor, fake.sparsity_mask))
-        return self.distiller.after_step(step) if self.distiller is not None else {}
-
-    def after_epoch(self, epoch: int) -> dict[str, float]:
-        return self.distiller.after_epoch(epoch) if self.distiller is not None else {}
+        return {}
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """The int8 model (8 bits) or the packed model (fewer bits)."""
@@ -147,18 +135,6 @@ class QAT(QuantMethod):
         for name, module in fakes.items():
             set_module(plain, name, _packed(module))
         return plain.eval()
-
-    def final_metrics(self) -> dict[str, float]:
-        metrics = super().final_metrics()
-        if self.distiller is not None:
-            metrics.update(self.distiller.final_metrics())
-        return metrics
-
-    def write_artifacts(self, folder: Any) -> list[Any]:
-        paths = super().write_artifacts(folder)
-        if self.distiller is not None:
-            paths += self.distiller.write_artifacts(folder)
-        return paths
 
 
 def _packed(module: QuantConv2d | QuantLinear) -> nn.Module:
