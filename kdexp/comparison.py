@@ -50,7 +50,7 @@ def pruned(run: RunRecord) -> str | None:
     return run.tags.get("kdexp.pruned")
 
 
-def _config_key(run: RunRecord) -> str:
+def config_key(run: RunRecord) -> str:
     kept: dict[str, str | None] = {
         k: canonical_text(v) for k, v in run.params.items() if k.split(".")[0] not in _IGNORED
     }
@@ -67,7 +67,7 @@ def group(runs: Sequence[RunRecord]) -> list[Row]:
     """
     groups: dict[str, list[RunRecord]] = {}
     for run in runs:
-        groups.setdefault(_config_key(run), []).append(run)
+        groups.setdefault(config_key(run), []).append(run)
     by_label: dict[str, list[list[RunRecord]]] = {}
     for members in groups.values():
         tags = members[0].tags
@@ -77,7 +77,7 @@ def group(runs: Sequence[RunRecord]) -> list[Row]:
         by_label.setdefault(" / ".join(parts), []).append(members)
     rows = []
     for label, configs in by_label.items():
-        varying = _varying_params([members[0] for members in configs]) if len(configs) > 1 else []
+        varying = varying_params([members[0] for members in configs]) if len(configs) > 1 else []
         for members in configs:
             params = members[0].params
             extra = [f"{k}={canonical_text(params[k])}" for k in varying if k in params]
@@ -87,7 +87,7 @@ def group(runs: Sequence[RunRecord]) -> list[Row]:
     return sorted(rows, key=lambda r: -r.mean.get("test/acc1", float("-inf")))
 
 
-def _varying_params(representatives: list[RunRecord]) -> list[str]:
+def varying_params(representatives: list[RunRecord]) -> list[str]:
     """Params whose value differs between configurations (what tells the rows apart)."""
     keys = sorted({k for r in representatives for k in r.params if k.split(".")[0] not in _IGNORED})
     return [

@@ -140,6 +140,8 @@ EXECUTION_KEYS = (
     "reuse",
     "skip_finished",
     "export_onnx",
+    "arm",  # issue 13: a preset's arm label and its paper's figures describe a run, not change it
+    "paper",
 )
 
 

@@ -28,7 +28,7 @@ from kdexp.comparison import (
 )
 from kdexp.errors import ConfigError
 from kdexp.tables import markdown_table
-from kdexp.tracking.query import load_runs, log_report
+from kdexp.tracking.query import RunRecord, load_runs, log_report
 
 
 def write_pareto(
@@ -150,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="model size in the plots and pareto.csv: dense (torch.save of the state_dict, zeros "
         "included) or compressed (kdexp.compress: sparse, at bit width, entropy-coded)",
     )
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="also print, per arm of a preset with a paper node, measured beside published",
+    )
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_uri()
     filters = [args.filter] if args.filter else []
@@ -198,10 +203,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if log_to:
         log_report(uri, log_to, paths)
     print((folder / "comparison.md").read_text())
+    if args.paper:
+        _print_paper(runs, folder)
     print(f"kdexp-report: {len(runs)} runs, {len(rows)} configurations; written to {folder}")
     if log_to:
         print(f"kdexp-report: logged to run {log_to}")
     return 0
+
+
+def _print_paper(runs: list[RunRecord], folder: Path) -> None:
+    """``--paper``: write ``paper.md`` (:mod:`kdexp.paper`) and print it."""
+    from kdexp.paper import paper_rows, paper_table
+
+    rows = paper_rows(runs)
+    if not rows:
+        print("kdexp-report: --paper: no run carries a paper node (paper.citation)")
+        return
+    (folder / "paper.md").write_text(paper_table(rows))
+    print(paper_table(rows))
 
 
 if __name__ == "__main__":

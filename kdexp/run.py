@@ -31,8 +31,9 @@ from kdexp.errors import ConfigError
 from kdexp.export import check_config as check_export
 from kdexp.export import log_onnx
 from kdexp.job import Job, RunResult
+from kdexp.keys import check_keys
 from kdexp.lineage import LINEAGE_TAG, lineage_key
-from kdexp.method.base import Method, Needs, needs_of
+from kdexp.method.base import RUNTIME_ARGS, Method, Needs, needs_of
 from kdexp.naming import name_run
 from kdexp.pipeline import run_pipeline
 from kdexp.plots import learning_curves
@@ -146,6 +147,8 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     _check_objective(cfg.objective)
     needs = needs_of(cfg.method)
     uses_teacher = needs.teacher
+    # A key the method does not take is a ConfigError, not instantiate's TypeError.
+    check_keys(cfg.method, "method", RUNTIME_ARGS)
     if uses_teacher and "teacher" not in cfg:
         raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
     if "teacher" in cfg and not uses_teacher:

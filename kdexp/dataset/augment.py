@@ -7,11 +7,8 @@ same), and says how it reads as per-sample torchvision transforms for the ``Data
 (:meth:`Augment.transforms` for small images, :meth:`Augment.folder_transforms` for image
 folders); one that has no per-sample form works with in-memory data only.
 
-A new augmentation is one class (or a function wrapped in one) and one yaml. For example an
-input jitter that shifts each image by up to ``pixels`` pixels (Hinton et al. 2015 jitter MNIST
-by up to 2): ``class Jitter(Augment)`` whose ``__call__`` calls the batch function, and
-``conf/dataset/augment/jitter.yaml`` holding ``_target_: kdexp.dataset.augment.Jitter`` and
-``pixels: 2``.
+A new augmentation is one class (or a function wrapped in one) and one yaml, as :class:`Jitter`
+and ``conf/dataset/augment/jitter.yaml`` are.
 """
 
 from __future__ import annotations
@@ -50,6 +47,24 @@ def crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     batch = torch.arange(n)[:, None, None, None]
     chan = torch.arange(x.shape[1])[None, :, None, None]
     return random_flip(padded[batch, chan, rows, cols], generator)
+
+
+def jitter(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Translate each image of a batch by a random whole number of pixels in
+    ``[-max_shift, max_shift]`` on each axis, independently per image (Hinton et al. 2015 jitter
+    MNIST digits by up to 2 pixels). The border is replicated, so a normalised background stays
+    background (zero padding would be grey there).
+    """
+    n, _, h, w = x.shape
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    batch = torch.arange(n)[:, None, None, None]
+    chan = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[batch, chan, rows, cols]
 
 
 class Augment:
@@ -109,6 +124,24 @@ class Flip(Augment):
 
     def folder_transforms(self, image_size: int, resize: int) -> list[Any]:
         return [T.Resize(resize), T.CenterCrop(image_size), T.RandomHorizontalFlip()]
+
+
+class Jitter(Augment):
+    """Shift each image by up to ``pixels`` pixels on each axis, the border replicated: the input
+    jitter of Hinton, Vinyals & Dean 2015 on MNIST (up to 2 pixels)."""
+
+    name: ClassVar[str] = "jitter"
+
+    def __init__(self, pixels: int = 2) -> None:
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+            raise ConfigError(f"{KEY}.pixels", pixels, "a non-negative integer")
+        self.pixels = pixels
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        return jitter(x, max_shift=self.pixels, generator=generator)
+
+    def transforms(self, image_size: int) -> list[Any]:
+        return [T.RandomCrop(image_size, padding=self.pixels, padding_mode="edge")]
 
 
 def build_augment(augment: Any) -> Augment | None:

@@ -102,7 +102,13 @@ class Pruner(Method):
         key: str = "method",
         distill: Callable[..., Method] | None = None,
         teacher: nn.Module | None = None,
-        **schedule_knobs: Any,  # deprecated flat knobs (frequency=...), set on the schedule
+        # Deprecated flat knobs: set on the schedule (method.schedule.frequency=...) with a warning.
+        initial_sparsity: float | None = None,
+        start_epoch: int | None = None,
+        frequency: int | None = None,
+        updates: int | None = None,
+        rounds: int | None = None,
+        epochs_per_round: int | None = None,
     ) -> None:
         super().__init__(data=data, criterion=criterion, key=key, distill=distill, teacher=teacher)
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float):
@@ -111,15 +117,21 @@ class Pruner(Method):
             raise ConfigError("method.sparsity", sparsity, "a fraction in [0, 1)")
         if scope not in SCOPES:
             raise ConfigError("method.scope", scope, "one of " + ", ".join(SCOPES))
-        unknown = set(schedule_knobs) - set(LEGACY_KNOBS)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(unknown)}")
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ConfigError("method.calibration_batches", calibration_batches, "a positive int")
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError("method.epochs", epochs, "a positive integer (${schedule.epochs})")
         steps_per_epoch = len(data.train)  # type: ignore[arg-type]
-        self.schedule = build_schedule(schedule, schedule_knobs)
+        legacy = dict(
+            initial_sparsity=initial_sparsity,
+            start_epoch=start_epoch,
+            frequency=frequency,
+            updates=updates,
+            rounds=rounds,
+            epochs_per_round=epochs_per_round,
+        )
+        assert set(legacy) == set(LEGACY_KNOBS)
+        self.schedule = build_schedule(schedule, legacy)
         self.sparsity, self.scope = float(sparsity), scope
         self.keep_first, self.keep_last = keep_first, keep_last
         self.layers = list(layers) if layers is not None else None
