@@ -61,6 +61,11 @@ def validate(cfg: DictConfig) -> None:
         )
     for key in ("checkpoint", "teacher_checkpoint"):
         _check_source(key, OmegaConf.select(cfg, key))
+    # Every other key: its type (from the annotations of what it builds), range and files.
+    from kdexp.schema import check_paths, check_tree
+
+    check_tree(cfg)
+    check_paths(cfg)
 
 
 def _check_source(key: str, value: object) -> None:

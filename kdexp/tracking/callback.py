@@ -53,9 +53,12 @@ class SweepRun(Callback):  # type: ignore[misc]
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Open the parent run (MLflow only)."""
+        """Open the parent run (MLflow only); SIGINT and SIGTERM stop the sweep from now on."""
+        from kdexp.stopping import install_sweep_handler
         from kdexp.sweep import SWEEP_FILE, sweep_id
+        from kdexp.tracking.liveness import heartbeat
 
+        install_sweep_handler(Path(config.hydra.sweep.dir))
         tracking = _mlflow_tracking(config)
         if tracking is None:
             return
@@ -68,6 +71,7 @@ class SweepRun(Callback):  # type: ignore[misc]
             "kdexp.role": "sweep",
             "sweep_dir": str(folder.resolve()),
             "overrides": " ".join(config.hydra.overrides.task) or "(none)",
+            "kdexp.heartbeat": heartbeat(every_s=0),  # the launching process: kdexp-stale
         }
         run_id = open_sweep_run(
             tracking.get("uri"),
@@ -81,7 +85,7 @@ class SweepRun(Callback):  # type: ignore[misc]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the table of jobs; log it to the parent run and close that run."""
-        from kdexp.sweep import jobs, parent_run, write_jobs_table
+        from kdexp.sweep import jobs, parent_run, stop_requested, write_jobs_table
 
         folder = Path(config.hydra.sweep.dir)
         if not folder.is_dir():
@@ -92,8 +96,9 @@ class SweepRun(Callback):  # type: ignore[misc]
         paths = write_jobs_table(rows, folder, names)
         counts = {
             f"sweep/{status.lower()}": float(sum(r.status == status for r in rows))
-            for status in ("FINISHED", "REUSED", "FAILED")
+            for status in ("FINISHED", "REUSED", "FAILED", "KILLED")
         }
+        stopped = stop_requested(folder)
         counts["sweep/jobs"] = float(len(rows))
         run_id = parent_run(folder)
         tracking = _mlflow_tracking(config)
@@ -103,9 +108,26 @@ class SweepRun(Callback):  # type: ignore[misc]
             close_sweep_run(
                 tracking.get("uri"), run_id, counts, paths, failed=counts["sweep/failed"] > 0
             )
+            if stopped is not None:  # issue 16: a stopped sweep's parent run is KILLED
+                from mlflow.tracking import MlflowClient
+
+                from kdexp.tracking.mlflow import default_uri
+
+                client = MlflowClient(tracking_uri=tracking.get("uri") or default_uri())
+                client.set_terminated(run_id, status="KILLED")
         print(
             f"kdexp: sweep of {len(rows)} jobs: {int(counts['sweep/finished'])} finished, "
-            f"{int(counts['sweep/reused'])} reused, {int(counts['sweep/failed'])} failed; "
-            f"jobs listed in {paths[1]}",
+            f"{int(counts['sweep/reused'])} reused, {int(counts['sweep/failed'])} failed, "
+            f"{int(counts['sweep/killed'])} stopped; jobs listed in {paths[1]}",
             flush=True,
         )
+        if stopped is not None:
+            import sys
+
+            print(
+                "kdexp: the sweep was stopped; run the same command with resume=auto to finish "
+                "what is missing",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(128 + stopped)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from kdexp.errors import ConfigError
 from kdexp.tracking.base import Tracker
+from kdexp.tracking.liveness import HEARTBEAT_TAG, Heartbeat, is_dead, logged_steps
 from kdexp.tracking.spool import Record, Spool
 
 if TYPE_CHECKING:  # mlflow is imported lazily at run time
@@ -194,6 +195,7 @@ class MlflowTracker(Tracker):
         self._spool = Spool(None)
         self._retry_at, self._retry_s = 0.0, _RETRY_FIRST_S  # while the store is unreachable
         self._down_since: float | None = None
+        self._logged: dict[str, int] = {}  # a resumed run's last logged step, per metric
 
     def _open_run(self) -> tuple[MlflowClient, str]:
         """The client and the id of the open run; a RuntimeError outside :meth:`run`."""
@@ -239,6 +241,9 @@ class MlflowTracker(Tracker):
             run_id = resume_id
             client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
+        # issue 16: a resumed run logs no step twice; a heartbeat tells a live run from a dead one
+        self._logged = logged_steps(client, run_id) if resume_id is not None else {}
+        beat = Heartbeat(self.uri, run_id).start()
         self._spool = Spool(spool)
         self._spool.start(self.uri, self.experiment, run_id)
         status = "FAILED"
@@ -255,6 +260,7 @@ class MlflowTracker(Tracker):
             status = "KILLED"
             raise
         finally:
+            beat.stop()
             end = {"op": "status", "status": status, "end_time": int(time.time() * 1000)}
             self._spool.add(self._take_buffer() + [end])
             self._deliver()
@@ -275,7 +281,12 @@ class MlflowTracker(Tracker):
         closes: one database transaction per epoch would cost a tiny model a third of its speed.
         """
         now = int(time.time() * 1000)
-        self._buffer.extend({"m": [k, float(v), now, step]} for k, v in metrics.items())
+        logged = self._logged
+        self._buffer.extend(
+            {"m": [k, float(v), now, step]}
+            for k, v in metrics.items()
+            if not logged or step > logged.get(k, -1)  # a resumed run: not logged before
+        )
         if (
             len(self._buffer) >= _MAX_METRICS
             or time.monotonic() - self._last_flush >= self.flush_every_s
@@ -422,7 +433,8 @@ class MlflowTracker(Tracker):
         return found[0].info.run_id if found else None
 
     def find_resumable(self, tags: Mapping[str, str]) -> str | None:
-        """The newest KILLED or FAILED run of this experiment that carries all ``tags``."""
+        """The newest KILLED or FAILED run of this experiment that carries all ``tags``, or a
+        RUNNING one whose process is dead (:mod:`kdexp.tracking.liveness`)."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.uri)
@@ -431,7 +443,12 @@ class MlflowTracker(Tracker):
         found = client.search_runs(
             [experiment_id], query, max_results=100, order_by=["attributes.start_time DESC"]
         )
-        stopped = [r for r in found if r.info.status in ("KILLED", "FAILED")]
+        stopped = [
+            r
+            for r in found
+            if r.info.status in ("KILLED", "FAILED")
+            or (r.info.status == "RUNNING" and is_dead(r.data.tags.get(HEARTBEAT_TAG)))
+        ]
         return stopped[0].info.run_id if stopped else None
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
