@@ -44,7 +44,8 @@ def main(cfg: DictConfig) -> float | list[float] | None:
         if _in_multirun():  # issue 16: requeued, or recorded KILLED; the sweep goes on or stops
             from kdexp.stopping import job_stopped
 
-            return job_stopped(stop)
+            job_stopped(stop)
+            return None
         sys.exit(128 + stop.signum)
     except ConfigError as error:
         print(f"kdexp: error: {error}", file=sys.stderr, flush=True)

@@ -86,7 +86,7 @@ class StopFlag:
 
 #: The flag of the outermost open :func:`stop_signals`, and the handlers it replaced.
 _ACTIVE: StopFlag | None = None
-_REPLACED: dict[int, Any] = {}
+_REPLACED: dict[signal.Signals, Any] = {}
 
 
 @contextmanager
@@ -139,7 +139,7 @@ def raise_if_stopped(step: int = 0, checkpoint: Path | None = None) -> None:
 def hand_over(signum: int) -> bool:
     """Call the handler that :func:`stop_signals` replaced for ``signum``, if it was a Python
     function (submitit's requeue on SIGUSR2); False when there was none."""
-    previous = _REPLACED.get(signum)
+    previous = _REPLACED.get(signal.Signals(signum))
     if not callable(previous):
         return False
     previous(signum, None)

@@ -213,3 +213,25 @@ def test_kdexp_stale_marks_dead_running_runs_failed_all_or_one_sweep(tmp_path: P
     assert (
         "marked by kdexp-stale" in client.get_run(ids["other_host_stale"]).data.tags["kdexp.stale"]
     )
+
+
+def test_a_resumed_run_drops_the_steps_it_already_logged(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MlflowTracker(uri=uri, experiment="test", flush_every_s=0)
+    with pytest.raises(KeyboardInterrupt), first.run("r", {"p": 1}, {}):
+        for step in range(10):  # logged up to step 9, checkpointed at step 5 (say)
+            first.log_metrics({"loss": float(step)}, step)
+        raise KeyboardInterrupt
+    again = MlflowTracker(uri=uri, experiment="test", flush_every_s=0)
+    with again.run("r", {}, {}, resume_id=first.run_id):
+        for step in range(5, 15):  # the resume redoes steps 5-9, with other values
+            again.log_metrics({"loss": 100.0 + step, "new": 1.0}, step)
+    client = MlflowClient(tracking_uri=uri)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, "loss"))
+    assert history == [(s, float(s)) for s in range(10)] + [(s, 100.0 + s) for s in range(10, 15)]
+    assert len(client.get_metric_history(first.run_id, "new")) == 10  # a new key: every step
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    beat = json.loads(run.data.tags[HEARTBEAT_TAG])
+    assert (beat["host"], beat["pid"]) == (socket.gethostname(), os.getpid())
+    assert not is_dead(run.data.tags[HEARTBEAT_TAG])  # this process is alive

@@ -67,14 +67,18 @@ def _each_step_once(tmp_path: Path, run_id: str) -> None:
     assert steps == list(range(STEPS))
 
 
-def _stop_then_resume(tmp_path: Path, launcher: list[str], signum: int) -> None:
+def _stop_then_resume(
+    tmp_path: Path, launcher: list[str], signum: int, running: str, one_done: bool = True
+) -> None:
+    """Launch 3 jobs; once job 0 is done (``one_done``) and job ``running`` has a checkpoint,
+    send ``signum`` to the launching process; then relaunch with resume=auto."""
     args = ["-m", *launcher, "seed=1,2,3", *TINY, "checkpoint_every_steps=2"]
     args += tracking_overrides(tmp_path)
-    child = _launch(args, tmp_path, 0.1)
+    child = _launch(args, tmp_path, 0.2)
     try:
-        # The first job is done, a later one has a checkpoint: stop the sweep.
-        _wait_for(child, tmp_path, "outputs/multirun/*/*/0/job.json")
-        _wait_for(child, tmp_path, "outputs/multirun/*/*/[12]/checkpoints/last.pt")
+        if one_done:
+            _wait_for(child, tmp_path, "outputs/multirun/*/*/0/job.json")
+        _wait_for(child, tmp_path, f"outputs/multirun/*/*/{running}/checkpoints/last.pt")
         child.send_signal(signum)
         _, err = child.communicate(timeout=120)
     finally:
@@ -91,7 +95,7 @@ def _stop_then_resume(tmp_path: Path, launcher: list[str], signum: int) -> None:
     )
     (sweep,) = tmp_path.glob("outputs/multirun/*/*")
     table = _table(sweep)
-    assert table["0"]["status"] == "FINISHED"
+    assert table["0"]["status"] == ("FINISHED" if one_done else "KILLED")
     assert {row["status"] for row in table.values()} <= {"FINISHED", "KILLED"}
     assert sum(row["status"] == "KILLED" for row in table.values()) >= 1
 
@@ -106,7 +110,8 @@ def _stop_then_resume(tmp_path: Path, launcher: list[str], signum: int) -> None:
         _each_step_once(tmp_path, run.info.run_id)
     (second,) = [p for p in tmp_path.glob("outputs/multirun/*/*") if p != sweep]
     table = _table(second)
-    assert table["0"]["status"] == "REUSED"  # finished before the stop: not trained again
+    if one_done:
+        assert table["0"]["status"] == "REUSED"  # finished before the stop: not trained again
     assert {row["status"] for row in table.values()} <= {"FINISHED", "REUSED"}
 
 
@@ -114,23 +119,25 @@ def _stop_then_resume(tmp_path: Path, launcher: list[str], signum: int) -> None:
 def test_ctrl_c_stops_a_basic_sweep_and_resume_auto_finishes_only_what_was_missing(
     tmp_path: Path,
 ) -> None:
-    _stop_then_resume(tmp_path, [], signal.SIGINT)
+    _stop_then_resume(tmp_path, [], signal.SIGINT, running="1")
 
 
 @pytest.mark.slow
 def test_sigterm_stops_a_joblib_sweep_and_resume_auto_finishes_only_what_was_missing(
     tmp_path: Path,
 ) -> None:
-    _stop_then_resume(
-        tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], signal.SIGTERM
-    )
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    _stop_then_resume(tmp_path, joblib, signal.SIGTERM, running="2")
 
 
 @pytest.mark.slow
 def test_sigterm_stops_a_submitit_sweep_and_resume_auto_finishes_only_what_was_missing(
     tmp_path: Path,
 ) -> None:
-    _stop_then_resume(tmp_path, ["hydra/launcher=submitit_local"], signal.SIGTERM)
+    # submitit's local executor starts the 3 jobs at once: stopped while they all train
+    _stop_then_resume(
+        tmp_path, ["hydra/launcher=submitit_local"], signal.SIGTERM, running="*", one_done=False
+    )
 
 
 @pytest.mark.slow
@@ -159,3 +166,14 @@ def test_preempted_submitit_job_is_requeued_and_finishes_in_the_same_run(tmp_pat
     (sweep,) = tmp_path.glob("outputs/multirun/*/*")
     row = _table(sweep)["0"]
     assert (row["status"], row["requeued"]) == ("FINISHED", "1")  # requeued, then FINISHED
+
+
+@pytest.mark.slow
+def test_a_job_that_does_not_compose_leaves_no_parent_run_running(tmp_path: Path) -> None:
+    args = ["-m", "method=baseline,prune/no_such_method", *TINY[1:], *tracking_overrides(tmp_path)]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "no_such_method" in done.stderr
+    runs, (parent,) = _runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the first job ran
+    assert parent.info.status == "FAILED"

@@ -3,6 +3,7 @@ sweep's parent run that lists its jobs."""
 
 from __future__ import annotations
 
+import atexit
 import json
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,22 @@ def _mlflow_tracking(config: DictConfig) -> DictConfig | None:
     if tracking is None or not str(tracking.get("_target_", "")).endswith("MlflowTracker"):
         return None
     return tracking
+
+
+def _close_if_running(uri: str | None, run_id: str, folder: Path) -> None:
+    """At exit: a parent run still RUNNING ends FAILED (KILLED when the sweep was stopped)."""
+    from mlflow.tracking import MlflowClient
+
+    from kdexp.sweep import stop_requested
+    from kdexp.tracking.mlflow import default_uri
+
+    try:
+        client = MlflowClient(tracking_uri=uri or default_uri())
+        if client.get_run(run_id).info.status == "RUNNING":
+            status = "KILLED" if stop_requested(folder) is not None else "FAILED"
+            client.set_terminated(run_id, status=status)
+    except Exception:  # the store is away: kdexp-stale finds the run dead later
+        pass
 
 
 class SweepRun(Callback):  # type: ignore[misc]
@@ -82,6 +99,9 @@ class SweepRun(Callback):  # type: ignore[misc]
         )
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SWEEP_FILE).write_text(json.dumps({"sweep_id": identifier, "run_id": run_id}))
+        # Hydra calls on_multirun_end only when the sweep returns: a job config that does not
+        # compose (an unknown option) raises in this process, and the parent would stay RUNNING.
+        atexit.register(_close_if_running, tracking.get("uri"), run_id, folder)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the table of jobs; log it to the parent run and close that run."""
