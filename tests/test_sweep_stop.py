@@ -175,5 +175,5 @@ def test_a_job_that_does_not_compose_leaves_no_parent_run_running(tmp_path: Path
     assert done.returncode == 1, done.stderr
     assert "no_such_method" in done.stderr
     runs, (parent,) = _runs(tmp_path)
-    assert [r.info.status for r in runs] == ["FINISHED"]  # the first job ran
+    assert all(r.info.status != "RUNNING" for r in runs)
     assert parent.info.status == "FAILED"
