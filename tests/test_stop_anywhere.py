@@ -235,3 +235,39 @@ def test_a_resumed_run_drops_the_steps_it_already_logged(tmp_path: Path) -> None
     beat = json.loads(run.data.tags[HEARTBEAT_TAG])
     assert (beat["host"], beat["pid"]) == (socket.gethostname(), os.getpid())
     assert not is_dead(run.data.tags[HEARTBEAT_TAG])  # this process is alive
+
+
+@pytest.mark.slow
+def test_a_pipeline_stopped_in_a_stage_resumes_it_and_reuses_the_finished_one(
+    compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kdexp.train
+
+    args = ["experiment=pipeline_kd_prune_quant", "pipeline=[teacher,student]"]
+    args += ["~stages.pruned", "~stages.quantized"]
+    args += ["schedule.epochs=1", "dataset.train_limit=40", "latency_repeats=1"]
+    args += ["tracking.log_model=false", "log_every=1", *tracking_overrides(tmp_path)]
+    calls: list[int] = []
+    with monkeypatch.context() as patch:  # the teacher trains 6 batches; the student, then
+        patch.setattr(kdexp.train, "to_device", _signal_then(kdexp.train.to_device, calls, 9))
+        with pytest.raises(Interrupted):
+            kdexp.run.run(compose_cfg(*args))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    stage = {r.data.tags.get("kdexp.stage", "(pipeline)"): r for r in _runs(client)}
+    assert {k: r.info.status for k, r in stage.items()} == {
+        "(pipeline)": "KILLED",
+        "teacher": "FINISHED",
+        "student": "KILLED",
+    }
+    kdexp.run.run(compose_cfg(*args, "resume=auto"))
+    runs = _runs(client)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+    stages = [r for r in runs if "kdexp.stage" in r.data.tags]
+    assert len(stages) == 2  # the teacher reused, the student carried on in its own run
+    (student,) = (r for r in stages if r.data.tags["kdexp.stage"] == "student")
+    assert student.info.run_id == stage["student"].info.run_id
+    assert student.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(student.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(len(steps))) and len(steps) > 3  # once each, none missing
+    pipelines = [r for r in runs if r.data.tags.get("method") == "pipeline"]
+    assert sorted(r.info.status for r in pipelines) == ["FINISHED", "KILLED"]
