@@ -31,14 +31,17 @@ from kdexp.errors import ConfigError
 from kdexp.export import check_config as check_export
 from kdexp.export import log_onnx
 from kdexp.job import Job, RunResult
+from kdexp.keys import check_keys
 from kdexp.lineage import LINEAGE_TAG, lineage_key
-from kdexp.method.base import Method, Needs, needs_of
+from kdexp.method.base import RUNTIME_ARGS, Method, Needs, needs_of
+from kdexp.naming import name_run
 from kdexp.pipeline import run_pipeline
 from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted, raise_if_stopped, stop_signals
-from kdexp.stats import model_stats
+from kdexp.search import PRUNED_TAG, Reporter, trial_reporter, trial_tags
+from kdexp.stats import compression_metrics, model_stats
 from kdexp.stopping import stopped_after_finishing
 from kdexp.sweep import (
     parent_run,
@@ -68,6 +71,8 @@ FINAL_METRICS = (
     "model/params",
     "model/nonzero_params",
     "model/size_bytes",
+    "model/compressed_bytes",  # the kdexp.compress format; the ratio is against dense fp32
+    "model/compression_ratio",
     "model/flops",
     "model/latency_ms",
     "model/latency_ms_batch",
@@ -113,7 +118,7 @@ def run(cfg: DictConfig) -> float | list[float]:
         objective = [float(result.metrics[name]) for name in cfg.objective]
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         overrides = list(HydraConfig.get().overrides.task)
-        record_job(job.out_dir, overrides, result.run_id, objective, result.reused)
+        record_job(job.out_dir, overrides, result.run_id, objective, result.reused, result.pruned)
     return objective
 
 
@@ -134,13 +139,18 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
         if found is None:
             return _train(cfg, job, built)
     metrics = distributed.on_main(lambda: tracker.run_metrics(found))
+    # A reused pruned run prunes this trial too (kdexp.search).
+    pruned = distributed.on_main(lambda: tracker.run_tag(found, PRUNED_TAG, "skip_finished"))
+    reporter = trial_reporter(job.tags) if pruned is not None and distributed.is_main() else None
+    if reporter is not None:
+        reporter.prune()
     log.info("reusing FINISHED run %s (lineage %s): nothing to train", found, built.lineage)
     print(
         f"kdexp: reusing run {found}, FINISHED with the same config and inputs "
         f"(lineage {built.lineage}): test/acc1 {metrics.get('test/acc1', float('nan')):.2f}%",
         flush=True,
     )
-    return RunResult(metrics, None, found, built.lineage, reused=True)
+    return RunResult(metrics, None, found, built.lineage, reused=True, pruned=pruned is not None)
 
 
 def _build(cfg: DictConfig, job: Job) -> _Built:
@@ -154,6 +164,8 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     _check_objective(cfg.objective)
     needs = needs_of(cfg.method)
     uses_teacher = needs.teacher
+    # A key the method does not take is a ConfigError, not instantiate's TypeError.
+    check_keys(cfg.method, "method", RUNTIME_ARGS)
     if uses_teacher and "teacher" not in cfg:
         raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
     if "teacher" in cfg and not uses_teacher:
@@ -231,8 +243,8 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     state = read_training_state(resume_path, "resume") if resume_path else None
     # A resumed run keeps writing into the folder of the checkpoint it carries on from.
     checkpoint_dir = resume_path.parent if resume_path else job.out_dir / "checkpoints"
-    names = {k: job.names[k] for k in ("method", "model", "dataset")}
-    run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
+    run_name = name_run(cfg, job, tracker)  # also adds the description and group tags to job
+    reporter = trial_reporter(job.tags) if distributed.is_main() else None  # a pruned search
     tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
     if built.needs.is_baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)
@@ -246,11 +258,14 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     with tracker.run(
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
+        tracker.log_dataset(data, job.names["dataset"], cfg.dataset)
         try:
             if built.needs.trains:
-                result = _fit(cfg, built, model, checkpoint_dir, state)
+                result = _fit(cfg, built, model, checkpoint_dir, state, reporter)
             else:
                 result = evaluate_only(model, method, data, tracker, device)
+            if result.stopped_after is not None:  # pruned: FINISHED, with the epochs it trained
+                tracker.set_tags({PRUNED_TAG: str(result.stopped_after)})
             if not distributed.is_main():  # rank 0 alone tests, measures and logs the final model
                 final: dict[str, float] = distributed.from_main({})  # rank 0's final metrics
                 return RunResult(final, checkpoint_dir / "final.pt", None, built.lineage)
@@ -267,7 +282,10 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         flush=True,
     )
     final_checkpoint = checkpoint_dir / "final.pt"
-    return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
+    pruned = result.stopped_after is not None
+    return RunResult(
+        distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage, pruned=pruned
+    )
 
 
 def _finish(
@@ -303,8 +321,9 @@ def _finish(
         **model_stats(model, data.input_shape, cfg.schedule.batch_size, cfg.latency_repeats),
         **method.summary(),
     }
+    final.update(compression_metrics(model, final))  # reads the method's model/* counts
     raise_if_stopped(result.steps, last)
-    tracker.log_metrics(final, result.steps)
+    tracker.log_summary(final, result.steps)  # at step 0: the UI draws them as bars
     tracker.flush()
     raise_if_stopped(result.steps, last)
     if not (resume_id and tracker.run_tag(resume_id, MODEL_LOGGED_TAG, "resume") == "true"):
@@ -325,8 +344,10 @@ def _fit(
     model: nn.Module,
     checkpoint_dir: Path,
     state: dict[str, Any] | None,
+    reporter: Reporter | None = None,
 ) -> FitResult:
-    """Build the optimizer and LR schedule for ``model`` and the method, and run the loop."""
+    """Build the optimizer and LR schedule for ``model`` and the method, and run the loop;
+    ``reporter`` (a search trial's) may stop it after an epoch."""
     device, data, method = built.device, built.data, built.method
     # torch.compile of a Module returns an OptimizedModule, itself a Module.
     trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
@@ -348,6 +369,7 @@ def _fit(
         checkpoint_dir=checkpoint_dir if distributed.is_main() else None,
         checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
         on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
+        on_epoch=reporter.on_epoch if reporter is not None else None,
     )
     ddp = distributed.current() is not None
     front = distributed.wrap(trained, method, data.train, device) if ddp else None
@@ -503,6 +525,7 @@ def _hydra_tags() -> dict[str, str]:
         parent = parent_run(Path(hc.sweep.dir))
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
+        tags.update(trial_tags())  # optuna.study, optuna.trial (kdexp_optuna sweeper)
     return tags
 
 

@@ -122,15 +122,17 @@ def record_job(
     run_id: str | None,
     objective: float | list[float],
     reused: bool,
+    pruned: bool = False,
 ) -> None:
     """Write a finished job's outcome to ``<job dir>/job.json`` for the sweep's table.
 
-    ``objective`` is one value, or a list of them for a multi-objective sweep.
+    ``objective`` is one value, or a list of them for a multi-objective sweep. Status: PRUNED
+    (a search trial its pruner stopped, :mod:`kdexp.search`), REUSED or FINISHED.
     """
     job_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "overrides": " ".join(overrides),
-        "status": "REUSED" if reused else "FINISHED",
+        "status": "PRUNED" if pruned else "REUSED" if reused else "FINISHED",
         "run_id": run_id,
         "objective": (
             [_finite(v) for v in objective] if isinstance(objective, list) else _finite(objective)

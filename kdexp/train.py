@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ class FitResult:
     best_epoch: int = -1
     steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_after: int | None = None  # epochs trained when on_epoch stopped the run early
 
 
 @dataclass
@@ -58,6 +59,9 @@ class LoopOptions:
     checkpoint_dir: Path | None = None
     checkpoint_every_steps: int | None = None  # also write last.pt every N steps
     on_nonfinite: str = "stop"  # "stop": raise FloatingPointError; "skip": drop the batch
+    # Called after each epoch's validation with (epoch, metrics); True stops training after this
+    # epoch (a search trial its pruner stopped: kdexp.search.Reporter.on_epoch).
+    on_epoch: Callable[[int, dict[str, float]], bool] | None = None
 
 
 def _autocast(device: torch.device, amp: str | None) -> AbstractContextManager[Any]:
@@ -195,7 +199,8 @@ def fit(
             if options.on_nonfinite == "skip":
                 metrics["train/skipped_steps"] = at.skipped
             result.history.append(metrics)
-            last_epoch = epoch == options.epochs - 1
+            stop_here = options.on_epoch is not None and options.on_epoch(epoch, metrics)
+            last_epoch = epoch == options.epochs - 1 or stop_here
             if (val["acc1"] > result.best_val_acc1 and method.selects_best()) or (
                 last_epoch and result.best_epoch < 0  # no epoch qualified: the last one is best
             ):
@@ -215,6 +220,9 @@ def fit(
             )
             if stop.signum is not None:
                 raise Interrupted(stop.signum, at.step, last)
+            if stop_here:
+                result.stopped_after = epoch + 1
+                break
     result.steps = at.step
     return result
 
