@@ -125,6 +125,7 @@ RANGES: dict[str, Range] = {
     "lr": POSITIVE,
     "log_every": POSITIVE,
     "latency_repeats": POSITIVE,
+    "system_metrics_every_s": POSITIVE,
     "checkpoint_every_steps": POSITIVE,
     "label_smoothing": UNDER_ONE,
     "grad_clip": POSITIVE,
