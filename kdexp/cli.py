@@ -61,6 +61,11 @@ def app(cfg: DictConfig) -> float | list[float] | None:
             file=sys.stderr,
             flush=True,
         )
+        if _in_multirun():  # issue 16: requeued, or recorded KILLED; the sweep goes on or stops
+            from kdexp.stopping import job_stopped
+
+            job_stopped(stop)
+            return None
         sys.exit(128 + stop.signum)
     except ConfigError as error:
         print(f"kdexp: error: {error}", file=sys.stderr, flush=True)

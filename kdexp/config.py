@@ -69,6 +69,11 @@ def validate(cfg: DictConfig) -> None:
             registered,
             "null while tracking.log_model=false: only a logged model can be registered",
         )
+    # Every other key: its type (from the annotations of what it builds), range and files.
+    from kdexp.schema import check_paths, check_tree
+
+    check_tree(cfg)
+    check_paths(cfg)
 
 
 def _check_source(key: str, value: object) -> None:

@@ -7,6 +7,7 @@ import atexit
 import json
 import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,13 @@ class SweepRun(Callback):  # type: ignore[misc]
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Open the parent run (MLflow only)."""
+        """Open the parent run (MLflow only); SIGINT and SIGTERM stop the sweep from now on."""
         from kdexp.search import sweep_tags
+        from kdexp.stopping import install_sweep_handler
         from kdexp.sweep import SWEEP_FILE, sweep_id
+        from kdexp.tracking.liveness import heartbeat
 
+        install_sweep_handler(Path(config.hydra.sweep.dir))
         tracking = _mlflow_tracking(config)
         if tracking is None:
             return
@@ -80,6 +84,7 @@ class SweepRun(Callback):  # type: ignore[misc]
             "sweep_dir": str(folder.resolve()),
             "overrides": " ".join(overrides) or "(none)",
             NOTE_TAG: f"`{command}`\n\nSweep `{identifier}` ({folder.resolve()}).",
+            "kdexp.heartbeat": heartbeat(every_s=0),  # the launching process: kdexp-stale
             **sweep_tags(config),  # the Optuna study of a kdexp_optuna sweep
         }
         existed = folder.is_dir()
@@ -123,47 +128,56 @@ class SweepRun(Callback):  # type: ignore[misc]
                     break
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Write the table of jobs; log it to the parent run and close that run."""
+        """Write the table of jobs; log it to the parent run and close that run. A sweep stopped
+        by SIGINT or SIGTERM exits with 128 + the signal's number."""
         self._pending = None
-        self._end(config, failed=False)
+        stopped = self._end(config, failed=False)
+        if stopped is not None:
+            print(
+                "kdexp: the sweep was stopped; run the same command with resume=auto to finish "
+                "what is missing",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(128 + stopped)
 
-    def _end(self, config: DictConfig, failed: bool) -> None:
-        from kdexp.sweep import jobs, parent_run, write_jobs_table
+    def _end(self, config: DictConfig, failed: bool) -> int | None:
+        """Close the sweep: its table, counts and parent run (KILLED when it was stopped,
+        FAILED when a job failed). Returns the signal that stopped it, if one did."""
+        from kdexp.sweep import jobs, parent_run, stop_requested, write_jobs_table
 
         folder = Path(config.hydra.sweep.dir)
         if not folder.is_dir():
-            return
+            return None
         rows = jobs(folder)
         objective = config.get("objective", "objective")
         names = [str(n) for n in objective] if isinstance(objective, ListConfig) else str(objective)
         paths = write_jobs_table(rows, folder, names)
         counts = {
             f"sweep/{status.lower()}": float(sum(r.status == status for r in rows))
-            for status in ("FINISHED", "REUSED", "PRUNED", "FAILED")
+            for status in ("FINISHED", "REUSED", "PRUNED", "FAILED", "KILLED")
         }
+        stopped = stop_requested(folder)
         counts["sweep/jobs"] = float(len(rows))
         run_id = parent_run(folder)
         tracking = _mlflow_tracking(config)
         if run_id is not None and tracking is not None:
             from kdexp.tracking.extras import close_sweep_run
 
-            close_sweep_run(
-                tracking.get("uri"),
-                run_id,
-                counts,
-                paths,
-                failed=failed or counts["sweep/failed"] > 0,
-            )
-        pruned = int(counts["sweep/pruned"])
+            failed = failed or counts["sweep/failed"] > 0
+            status = "KILLED" if stopped is not None else "FAILED" if failed else "FINISHED"
+            close_sweep_run(tracking.get("uri"), run_id, counts, paths, status)
+        pruned, killed = int(counts["sweep/pruned"]), int(counts["sweep/killed"])
         print(
             f"kdexp: sweep of {len(rows)} jobs: {int(counts['sweep/finished'])} finished, "
             f"{int(counts['sweep/reused'])} reused, {f'{pruned} pruned, ' if pruned else ''}"
-            f"{int(counts['sweep/failed'])} failed; "
+            f"{int(counts['sweep/failed'])} failed{f', {killed} stopped' if killed else ''}; "
             f"jobs listed in {paths[1]}",
             flush=True,
         )
         if run_id is not None and tracking is not None:
             _print_next_steps(tracking, run_id, folder, names)
+        return stopped
 
 
 def _print_next_steps(

@@ -37,9 +37,10 @@ def close_sweep_run(
     run_id: str,
     metrics: Mapping[str, float],
     paths: list[Path],
-    failed: bool,
+    status: str,
 ) -> None:
-    """Log the sweep's job table and counts to its parent run and close it."""
+    """Log the sweep's job table and counts to its parent run and close it with ``status``
+    (FINISHED, FAILED or KILLED)."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -50,7 +51,7 @@ def close_sweep_run(
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     for path in paths:
         client.log_artifact(run_id, str(path), "sweep")
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    client.set_terminated(run_id, status=status)
 
 
 def delete_run(uri: str | None, run_id: str) -> None:

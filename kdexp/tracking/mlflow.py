@@ -24,6 +24,7 @@ from kdexp.tracking.extras import (
     runs_page,
     start_system_metrics,
 )
+from kdexp.tracking.liveness import HEARTBEAT_TAG, Heartbeat, is_dead, logged_steps
 from kdexp.tracking.spool import Record, Spool
 from kdexp.tracking.store import check_reachable, default_uri, limit_http_retries, prepare_store
 
@@ -95,6 +96,7 @@ class MlflowTracker(Tracker):
         self._spool = Spool(None)
         self._retry_at, self._retry_s = 0.0, _RETRY_FIRST_S  # while the store is unreachable
         self._down_since: float | None = None
+        self._logged: dict[str, int] = {}  # a resumed run's last logged step, per metric
 
     def _open_run(self) -> tuple[MlflowClient, str]:
         """The client and the id of the open run; a RuntimeError outside :meth:`run`."""
@@ -150,6 +152,9 @@ class MlflowTracker(Tracker):
             client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
         self._trained_for = bool(tags.get("kdexp.trained_for"))
+        # A resumed run logs no step twice; a heartbeat tells a live run from a dead one
+        self._logged = logged_steps(client, run_id) if resume_id is not None else {}
+        beat = Heartbeat(self.uri, run_id).start()
         self._spool = Spool(spool)
         self._spool.start(self.uri, self.experiment, run_id)
         status = "FAILED"
@@ -167,6 +172,7 @@ class MlflowTracker(Tracker):
             status = "KILLED"
             raise
         finally:
+            beat.stop()
             self._stop_system_metrics()
             end = {"op": "status", "status": status, "end_time": int(time.time() * 1000)}
             self._spool.add(self._take_buffer() + [end])
@@ -219,7 +225,12 @@ class MlflowTracker(Tracker):
         now = int(time.time() * 1000)
         if step > 0:
             self._stepped.update(metrics)
-        self._buffer.extend({"m": [k, float(v), now, step]} for k, v in metrics.items())
+        logged = self._logged
+        self._buffer.extend(
+            {"m": [k, float(v), now, step]}
+            for k, v in metrics.items()
+            if not logged or step > logged.get(k, -1)  # a resumed run: not logged before
+        )
         if (
             len(self._buffer) >= _MAX_METRICS
             or time.monotonic() - self._last_flush >= self.flush_every_s
@@ -379,7 +390,8 @@ class MlflowTracker(Tracker):
         return found[0].info.run_id if found else None
 
     def find_resumable(self, tags: Mapping[str, str]) -> str | None:
-        """The newest KILLED or FAILED run of this experiment that carries all ``tags``."""
+        """The newest KILLED or FAILED run of this experiment that carries all ``tags``, or a
+        RUNNING one whose process is dead (:mod:`kdexp.tracking.liveness`)."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.uri)
@@ -388,7 +400,12 @@ class MlflowTracker(Tracker):
         found = client.search_runs(
             [experiment_id], query, max_results=100, order_by=["attributes.start_time DESC"]
         )
-        stopped = [r for r in found if r.info.status in ("KILLED", "FAILED")]
+        stopped = [
+            r
+            for r in found
+            if r.info.status in ("KILLED", "FAILED")
+            or (r.info.status == "RUNNING" and is_dead(r.data.tags.get(HEARTBEAT_TAG)))
+        ]
         return stopped[0].info.run_id if stopped else None
 
     def config_hashes_named(self, name: str) -> list[str]:
