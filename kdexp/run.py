@@ -259,6 +259,8 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
         tracker.log_dataset(data, job.names["dataset"], cfg.dataset)
+        if distributed.is_main():  # where to watch it, before the first epoch
+            print(f"kdexp: {run_name}: started; logging to {tracker.describe()}", flush=True)
         try:
             if built.needs.trains:
                 result = _fit(cfg, built, model, checkpoint_dir, state, reporter)
@@ -277,7 +279,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
             raise
     print(
         f"kdexp: {run_name}: test/acc1 {final['test/acc1']:.2f}%  "
-        f"best/val_acc1 {result.best_val_acc1:.2f}% (epoch {result.best_epoch + 1})\n"
+        f"best/val_acc1 {result.best_val_acc1:.2f}% (epoch {result.best_epoch})\n"
         f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {job.out_dir}",
         flush=True,
     )

@@ -333,6 +333,14 @@ def test_cli_run_logs_sparsity_stats_and_artifacts(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     (pruned,) = [r for r in runs if r.data.tags["method"] == "prune/magnitude"]
+    # The terminal: epochs count from 0 as in MLflow, losses are labelled, sparsity is printed,
+    # and the run's link comes before its first epoch.
+    out = done.stdout + done.stderr
+    last = client.get_metric_history(pruned.info.run_id, "sparsity/global")[-1].value
+    assert "epoch 1 (0-1)  train/epoch_loss " in out and " val/loss " in out
+    assert f"sparsity {last:.4f}" in out
+    started = out.index("started; logging to")
+    assert started < out.index("epoch 0 (0-1)") and "#/experiments/" in out[started:]
     (dense,) = [r for r in runs if r.data.tags["method"] == "baseline"]
     history = client.get_metric_history(pruned.info.run_id, "sparsity/global")
     assert [m.step for m in history] == [0, 5, 10, 15]
