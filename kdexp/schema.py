@@ -298,7 +298,12 @@ def check_tree(cfg: DictConfig) -> None:
     outside its declared range or choices."""
     for key, value, annotation in expected_types(cfg):
         if not _matches(value, annotation):
-            raise ConfigError(key, value, f"a value of type {_type_name(annotation)}")
+            accepted = (
+                "true or false"
+                if annotation is bool
+                else f"a value of type {_type_name(annotation)}"
+            )
+            raise ConfigError(key, value, accepted)
         choices = choices_of(key, annotation)
         if choices is not None and value is not None and value not in choices:
             raise ConfigError(key, value, "one of " + ", ".join(map(str, choices)))
