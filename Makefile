@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check kdexp tests bench
-	$(BIN)/ruff format --check kdexp tests bench
+	$(BIN)/ruff check kdexp hydra_plugins tests bench
+	$(BIN)/ruff format --check kdexp hydra_plugins tests bench
 	$(BIN)/mypy
 
 bench: $(STAMP)
@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/prune.py
 	$(BIN)/python bench/quantize.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/study_storage.py
+	$(BIN)/python bench/nas.py
 
 clean:
 	rm -rf $(VENV) outputs/runs outputs/multirun

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from kdexp.tracking.mlflow import prepare_store
+from kdexp.tracking.store import prepare_store
 
 JOBS = 8
 SWEEP = [

@@ -13,11 +13,31 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from hydra_plugins.kdexp_optuna_sweeper import register as _register_sweeper
 from kdexp.errors import ConfigError
+
+_register_sweeper()  # hydra/sweeper=kdexp_optuna, also from an editable install
+
+
+def main() -> None:
+    """The ``kdexp`` command: the command line is checked (:mod:`kdexp.preflight`), then Hydra
+    composes the config and runs the job(s) (:func:`app`).
+
+    A mistake in the command line (an unknown option or key, an override Hydra refuses) prints
+    one line naming it and what is accepted, and exits with status 2 before anything is written.
+    """
+    from kdexp.preflight import check_command_line
+
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as error:
+        print(f"kdexp: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    app()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdexp.conf", config_name="train")
-def main(cfg: DictConfig) -> float | list[float] | None:
+def app(cfg: DictConfig) -> float | list[float] | None:
     """Run one job. Errors print one line, not a traceback, and exit non-zero.
 
     A config mistake (:class:`ConfigError`) exits with status 2 and removes the files Hydra wrote
@@ -44,6 +64,11 @@ def main(cfg: DictConfig) -> float | list[float] | None:
             file=sys.stderr,
             flush=True,
         )
+        if _in_multirun():  # issue 16: requeued, or recorded KILLED; the sweep goes on or stops
+            from kdexp.stopping import job_stopped
+
+            job_stopped(stop)
+            return None
         sys.exit(128 + stop.signum)
     except ConfigError as error:
         print(f"kdexp: error: {error}", file=sys.stderr, flush=True)
@@ -93,9 +118,8 @@ def _failed(message: str) -> None:
     """In a multirun a failing job does not stop the sweep: it is recorded, and
     :class:`kdexp.sweep.ReportFailedJobs` lists it at the end.
 
-    The job returns no value (None), which Hydra's Optuna sweeper records as a FAIL trial, with one
-    objective or several. A NaN would stop the whole sweep there: Optuna 2.10 refuses to complete
-    a trial with NaN values, and the sweeper's fallback (telling FAIL with the same values) raises.
+    The job returns no value (None), which kdexp's Optuna sweeper (``hydra/sweeper=kdexp_optuna``)
+    records as a FAIL trial, with one objective or several.
     """
     from kdexp.sweep import record_failure
 

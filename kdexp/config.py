@@ -3,10 +3,11 @@ flattening of a config into MLflow params."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -61,6 +62,18 @@ def validate(cfg: DictConfig) -> None:
         )
     for key in ("checkpoint", "teacher_checkpoint"):
         _check_source(key, OmegaConf.select(cfg, key))
+    registered = OmegaConf.select(cfg, "tracking.register_model")
+    if registered is not None and not OmegaConf.select(cfg, "tracking.log_model", default=True):
+        raise ConfigError(
+            "tracking.register_model",
+            registered,
+            "null while tracking.log_model=false: only a logged model can be registered",
+        )
+    # Every other key: its type (from the annotations of what it builds), range and files.
+    from kdexp.schema import check_paths, check_tree
+
+    check_tree(cfg)
+    check_paths(cfg)
 
 
 def _check_source(key: str, value: object) -> None:
@@ -103,7 +116,8 @@ def resolve_device(name: str) -> torch.device:
 def flatten(
     cfg: DictConfig | ListConfig | object, prefix: str = ""
 ) -> Iterator[tuple[str, object]]:
-    """Yield ``(dotted.key, value)`` for every leaf of a resolved config."""
+    """Yield ``(dotted.key, value)`` for every leaf of a resolved config, numbers canonical
+    (:func:`canonical`: ``T=4`` and ``T: 4.0`` log alike)."""
     if isinstance(cfg, DictConfig):
         for key, value in cfg.items():
             yield from flatten(value, prefix + str(key) + ".")
@@ -111,9 +125,9 @@ def flatten(
         for i, value in enumerate(cfg):
             yield from flatten(value, f"{prefix}{i}.")
     elif isinstance(cfg, ListConfig):
-        yield prefix[:-1], list(cfg)
+        yield prefix[:-1], canonical(list(cfg))
     else:
-        yield prefix[:-1], cfg
+        yield prefix[:-1], canonical(cfg)
 
 
 #: Top-level keys that change how a run is executed or recorded, not what it computes.
@@ -131,12 +145,49 @@ EXECUTION_KEYS = (
     "reuse",
     "skip_finished",
     "export_onnx",
+    "arm",  # issue 13: a preset's arm label and its paper's figures describe a run, not change it
+    "paper",
 )
 
 
+def canonical(value: object) -> object:
+    """``value`` with every number in one form, however it was typed, so that hashes, params and
+    report rows agree: a float with an integer value becomes that int (``4.0`` and ``4``, ``1e3``
+    and ``1000``), other floats keep Python's shortest repr (``1e-3`` and ``0.001`` are one float
+    already). Lists, tuples and mappings are canonicalised item by item; bools stay bools.
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [canonical(v) for v in value]
+    return value
+
+
+def canonical_text(text: str) -> str:
+    """A param's text in canonical form (:func:`canonical`): ``"4.0"`` -> ``"4"``,
+    ``"[256,256]"`` -> ``"[256, 256]"``; text that is not a number or a list of numbers and
+    strings is returned as it is. For params logged before kdexp canonicalised them."""
+    stripped = text.strip()
+    if not stripped or stripped[0] not in "-+.0123456789[(":
+        return text
+    try:
+        value = ast.literal_eval(stripped)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
+        return text
+    return str(canonical(value))
+
+
 def digest(kept: dict) -> str:
-    """A short, stable hash of a JSON-serialisable mapping (sorted keys)."""
-    text = json.dumps(kept, sort_keys=True, default=str)
+    """A short, stable hash of a JSON-serialisable mapping (sorted keys), numbers canonical."""
+    text = json.dumps(canonical(kept), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -35,6 +35,7 @@ class RunResult:
     run_id: str | None
     lineage: str
     reused: bool = False
+    pruned: bool = False  # a search trial that its pruner stopped early (kdexp.search)
 
 
 #: ``execute(cfg, job, reuse_finished)``: train (or, with ``reuse_finished``, reuse) one run.

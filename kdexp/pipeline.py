@@ -45,6 +45,8 @@ SUMMARY_METRICS = (
     ("params", "model/params"),
     ("nonzero params", "model/nonzero_params"),
     ("size (bytes)", "model/size_bytes"),
+    ("compressed (bytes)", "model/compressed_bytes"),  # kdexp.compress format
+    ("compression ratio", "model/compression_ratio"),
     ("latency (ms)", "model/latency_ms"),
 )
 
@@ -181,6 +183,8 @@ def run_pipeline(cfg: DictConfig, job: Job, execute: Execute) -> RunResult:
     with tracker.run(run_name, params, tags):
         for stage in planned:
             stage_cfg = _with_inputs(stage.cfg, results)
+            if stage is not planned[-1] and OmegaConf.select(stage_cfg, "tracking.register_model"):
+                stage_cfg.tracking.register_model = None  # only the last stage registers
             # A sweep's job is the pipeline's run; its stages nest under that run instead.
             outer = {k: v for k, v in job.tags.items() if k not in ("sweep_id", "job_num")}
             stage_tags = {**outer, "kdexp.stage": stage.name}
@@ -265,6 +269,7 @@ def write_summary(planned: list[Stage], results: dict[str, RunResult], folder: P
         [results[s.name].metrics.get("model/size_bytes", float("nan")) for s in planned],
         [results[s.name].metrics.get("test/acc1", float("nan")) for s in planned],
         folder / "pipeline_accuracy_size.png",
+        [results[s.name].metrics.get("model/compressed_bytes", float("nan")) for s in planned],
     )
     return [table, markdown, plot]
 

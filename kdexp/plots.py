@@ -18,16 +18,36 @@ def _figure(figsize: tuple[float, float]) -> Figure:
 
 
 def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
-    """Accuracy (train and val) and validation loss against the epoch, saved as a PNG."""
-    epochs = [h["epoch"] + 1 for h in history]
-    fig = _figure((9, 3.5))
-    acc, loss = fig.subplots(1, 2)
-    acc.plot(epochs, [h["train/acc1"] for h in history], label="train/acc1")
+    """Per epoch: accuracy (train and val); the training loss against the validation loss; and
+    every term of the training loss (``train/epoch_loss_<term>``: CE, KD, ...), saved as a PNG.
+
+    The epoch axis counts from 0, as the ``epoch`` metric and ``best/epoch`` in MLflow do.
+    """
+    epochs = [h["epoch"] for h in history]
+    terms = sorted({k for h in history for k in h if k.startswith("train/epoch_loss_")})
+    fig = _figure((12, 3.6))
+    acc, loss, parts = fig.subplots(1, 3)
+    acc.plot(epochs, [h.get("train/acc1", float("nan")) for h in history], label="train/acc1")
     acc.plot(epochs, [h["val/acc1"] for h in history], label="val/acc1")
     acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    acc.legend()
-    loss.plot(epochs, [h["val/loss"] for h in history], color="tab:red")
-    loss.set(xlabel="epoch", ylabel="loss", title="val/loss")
+    acc.legend(loc="lower right", fontsize=8)
+    if any("train/epoch_loss" in h for h in history):
+        loss.plot(
+            epochs,
+            [h.get("train/epoch_loss", float("nan")) for h in history],
+            label="train/epoch_loss",
+        )
+    loss.plot(epochs, [h["val/loss"] for h in history], color="tab:red", label="val/loss")
+    loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    loss.legend(loc="upper right", fontsize=8)
+    for term in terms:
+        parts.plot(epochs, [h.get(term, float("nan")) for h in history], label=term[17:])
+    parts.set(xlabel="epoch", ylabel="loss", title="terms of the training loss")
+    if terms:
+        parts.legend(loc="upper right", fontsize=8, title="train/epoch_loss_", title_fontsize=8)
+    for ax in (acc, loss, parts):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -35,16 +55,27 @@ def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
 
 
 def accuracy_against_size(
-    labels: list[str], sizes: list[float], accuracies: list[float], path: Path
+    labels: list[str],
+    sizes: list[float],
+    accuracies: list[float],
+    path: Path,
+    compressed: list[float] | None = None,
 ) -> Path:
     """Test accuracy against model size (bytes, log scale), one labelled point per stage, joined
-    in order: how a compression pipeline trades accuracy for size."""
+    in order: how a compression pipeline trades accuracy for size. ``sizes`` are torch.save's
+    (dense: zeros included); ``compressed``, if given, the kdexp.compress format's, drawn too."""
     fig = _figure((5.5, 4))
     ax = fig.subplots()
-    ax.plot(sizes, accuracies, marker="o", color="tab:blue")
-    for label, size, accuracy in zip(labels, sizes, accuracies, strict=True):
-        ax.annotate(label, (size, accuracy), textcoords="offset points", xytext=(5, 5))
+    series = [("torch.save (dense)", sizes, "tab:blue")]
+    if compressed is not None:
+        series.append(("compressed (kdexp.compress)", compressed, "tab:orange"))
+    for name, values, color in series:
+        ax.plot(values, accuracies, marker="o", color=color, label=name)
+        for label, size, accuracy in zip(labels, values, accuracies, strict=True):
+            ax.annotate(label, (size, accuracy), textcoords="offset points", xytext=(5, 5))
     ax.set(xlabel="model size (bytes)", ylabel="test/acc1 (%)", title="accuracy against size")
+    if compressed is not None:
+        ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()

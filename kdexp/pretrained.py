@@ -51,11 +51,13 @@ def baseline_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
     a pruning or quantization run fine-tunes briefly, its dense start needs a full schedule), else
     with ``cfg.schedule``.
     """
-    dropped = ("teacher", "pretrain_schedule")
+    dropped = ("teacher", "pretrain_schedule", "pretrain_dataset")
     sub = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k not in dropped])
     with open_dict(sub):
         if "pretrain_schedule" in cfg:
             sub.schedule = OmegaConf.to_container(cfg.pretrain_schedule)
+        if OmegaConf.select(cfg, "pretrain_dataset") is not None:  # issue 13: a jittered teacher
+            sub.dataset = OmegaConf.merge(cfg.dataset, cfg.pretrain_dataset)
         sub.model = OmegaConf.to_container(model_cfg)  # interpolations resolve in the new root
         sub.method = _baseline_method()
         sub.checkpoint = None

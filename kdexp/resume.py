@@ -19,6 +19,7 @@ import logging
 import random
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,23 +50,61 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.command = ""  # how to resume; the run fills it in
+        self.run_id: str | None = None  # the stopped MLflow run, if one was open
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
 
 
 class StopFlag:
-    """Set by SIGINT or SIGTERM; the loop reads :attr:`signum` after each step."""
+    """Set by SIGINT or SIGTERM (or a scheduler's SIGUSR2); the loop reads :attr:`signum` after
+    each step, the run between its phases (:func:`raise_if_stopped`).
 
-    signum: int | None = None
+    ``stop_file`` is a file whose appearance asks the same (a sweep stopped as a whole writes it,
+    holding the signal's number); it is looked at no more than once a second.
+    """
+
+    def __init__(self, stop_file: Path | None = None) -> None:
+        self._signum: int | None = None
+        self.stop_file = stop_file
+        self._looked = 0.0
+
+    @property
+    def signum(self) -> int | None:
+        """The signal that asked to stop, or None."""
+        if self._signum is None and self.stop_file is not None:
+            now = time.monotonic()
+            if now - self._looked >= 1.0:
+                self._looked = now
+                if self.stop_file.is_file():
+                    text = self.stop_file.read_text().strip()
+                    self._signum = int(text) if text.isdigit() else int(signal.SIGTERM)
+        return self._signum
+
+    @signum.setter
+    def signum(self, value: int | None) -> None:
+        self._signum = value
+
+
+#: The flag of the outermost open :func:`stop_signals`, and the handlers it replaced.
+_ACTIVE: StopFlag | None = None
+_REPLACED: dict[signal.Signals, Any] = {}
 
 
 @contextmanager
-def stop_signals() -> Iterator[StopFlag]:
+def stop_signals(stop_file: Path | None = None) -> Iterator[StopFlag]:
     """While open, SIGINT and SIGTERM ask the loop to stop after the current step.
 
     A second SIGINT raises :class:`KeyboardInterrupt` at once. Outside the main thread (where
-    handlers cannot be installed) the flag is never set and signals act as usual.
+    handlers cannot be installed) the flag is never set and signals act as usual. Nested, it
+    yields the outer flag: a run installs it once for its whole length (build, training, final
+    phases), and :func:`fit` inside reads the same flag. Where a handler for SIGUSR2 was already
+    installed (submitit's, which checkpoints and requeues a job at a SLURM time limit or
+    preemption), SIGUSR2 stops the run the same way; :func:`hand_over` then calls that handler.
     """
-    flag = StopFlag()
+    global _ACTIVE
+    if _ACTIVE is not None:
+        yield _ACTIVE
+        return
+    flag = StopFlag(stop_file)
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -76,12 +115,35 @@ def stop_signals() -> Iterator[StopFlag]:
         flag.signum = signum
         log.warning("%s: stopping after this step", signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if callable(signal.getsignal(signal.SIGUSR2)):
+        signals.append(signal.SIGUSR2)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    _ACTIVE = flag
     try:
         yield flag
     finally:
+        _ACTIVE = None
         for sig, old in previous.items():
             signal.signal(sig, old)
+        _REPLACED.clear()
+        _REPLACED.update(previous)
+
+
+def raise_if_stopped(step: int = 0, checkpoint: Path | None = None) -> None:
+    """Raise :class:`Interrupted` if a signal asked the run to stop: called between phases."""
+    if _ACTIVE is not None and _ACTIVE.signum is not None:
+        raise Interrupted(_ACTIVE.signum, step, checkpoint)
+
+
+def hand_over(signum: int) -> bool:
+    """Call the handler that :func:`stop_signals` replaced for ``signum``, if it was a Python
+    function (submitit's requeue on SIGUSR2); False when there was none."""
+    previous = _REPLACED.get(signal.Signals(signum))
+    if not callable(previous):
+        return False
+    previous(signum, None)
+    return True
 
 
 def rng_state() -> dict[str, Any]:

@@ -31,16 +31,27 @@ from kdexp.errors import ConfigError
 from kdexp.export import check_config as check_export
 from kdexp.export import log_onnx
 from kdexp.job import Job, RunResult
+from kdexp.keys import check_keys
 from kdexp.lineage import LINEAGE_TAG, lineage_key
-from kdexp.method.base import Method, Needs, needs_of
+from kdexp.method.base import RUNTIME_ARGS, Method, Needs, needs_of
+from kdexp.naming import name_run
 from kdexp.pipeline import run_pipeline
 from kdexp.plots import learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
-from kdexp.resume import Interrupted
-from kdexp.stats import model_stats
-from kdexp.sweep import parent_run, record_job, sweep_id
-from kdexp.timings import phase  # perf (issue 15): KDEXP_TIMINGS=1 phase times
+from kdexp.resume import Interrupted, raise_if_stopped, stop_signals
+from kdexp.search import PRUNED_TAG, Reporter, trial_reporter, trial_tags
+from kdexp.stats import compression_metrics, model_stats
+from kdexp.stopping import stopped_after_finishing
+from kdexp.sweep import (
+    parent_run,
+    record_job,
+    requeue_tags,
+    requeued_checkpoint,
+    stop_file,
+    sweep_id,
+)
+from kdexp.timings import phase  # KDEXP_TIMINGS=1: phase times
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
 from kdexp.train import FitResult, LoopOptions, evaluate, evaluate_only, fit
@@ -48,6 +59,9 @@ from kdexp.train import FitResult, LoopOptions, evaluate, evaluate_only, fit
 log = logging.getLogger(__name__)
 
 #: Metrics every run logs at its end; ``objective`` names one of them, or a list of them.
+#: Set once the final model is logged, so that a resumed run does not log it again.
+MODEL_LOGGED_TAG = "kdexp.model_logged"
+
 FINAL_METRICS = (
     "best/val_acc1",
     "best/epoch",
@@ -58,6 +72,8 @@ FINAL_METRICS = (
     "model/params",
     "model/nonzero_params",
     "model/size_bytes",
+    "model/compressed_bytes",  # the kdexp.compress format; the ratio is against dense fp32
+    "model/compression_ratio",
     "model/flops",
     "model/latency_ms",
     "model/latency_ms_batch",
@@ -87,11 +103,15 @@ def run(cfg: DictConfig) -> float | list[float]:
     if "hydra" in cfg:  # composed with return_hydra_config (tests); a job never sees it
         cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
     job = Job(group_names(cfg), _output_dir(), _hydra_tags())
-    with distributed.session(cfg.device):  # a no-op unless launched by torchrun
+    # One stop handler for the whole job: a signal at any moment ends it cleanly (issue 16).
+    with stop_signals(stop_file()) as stop, distributed.session(cfg.device):  # torchrun only
+        raise_if_stopped()  # the sweep was stopped before this job began
         if OmegaConf.select(cfg, "pipeline") is not None:
             result = run_pipeline(cfg, job, execute)
         else:
             result = execute(cfg, job, reuse_finished=bool(cfg.get("skip_finished", False)))
+    if stop.signum is not None:  # came while the job was finishing: it is done, FINISHED
+        stopped_after_finishing(stop.signum)
     objective: float | list[float]
     if isinstance(cfg.objective, str):
         objective = float(result.metrics[cfg.objective])
@@ -99,7 +119,7 @@ def run(cfg: DictConfig) -> float | list[float]:
         objective = [float(result.metrics[name]) for name in cfg.objective]
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         overrides = list(HydraConfig.get().overrides.task)
-        record_job(job.out_dir, overrides, result.run_id, objective, result.reused)
+        record_job(job.out_dir, overrides, result.run_id, objective, result.reused, result.pruned)
     return objective
 
 
@@ -110,6 +130,8 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
     returned instead, and nothing is trained; a lock keeps parallel jobs from training it twice.
     """
     built = _build(cfg, job)
+    raise_if_stopped()  # stopped while building: no run was opened, nothing to carry on
+    reuse_finished = reuse_finished or OmegaConf.select(cfg, "resume") == "auto"
     if not reuse_finished:
         return _train(cfg, job, built)
     tracker = built.tracker  # under torchrun rank 0 decides, and tells the other ranks
@@ -118,13 +140,18 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
         if found is None:
             return _train(cfg, job, built)
     metrics = distributed.on_main(lambda: tracker.run_metrics(found))
+    # A reused pruned run prunes this trial too (kdexp.search).
+    pruned = distributed.on_main(lambda: tracker.run_tag(found, PRUNED_TAG, "skip_finished"))
+    reporter = trial_reporter(job.tags) if pruned is not None and distributed.is_main() else None
+    if reporter is not None:
+        reporter.prune()
     log.info("reusing FINISHED run %s (lineage %s): nothing to train", found, built.lineage)
     print(
         f"kdexp: reusing run {found}, FINISHED with the same config and inputs "
         f"(lineage {built.lineage}): test/acc1 {metrics.get('test/acc1', float('nan')):.2f}%",
         flush=True,
     )
-    return RunResult(metrics, None, found, built.lineage, reused=True)
+    return RunResult(metrics, None, found, built.lineage, reused=True, pruned=pruned is not None)
 
 
 @phase("build")
@@ -139,6 +166,8 @@ def _build(cfg: DictConfig, job: Job) -> _Built:
     _check_objective(cfg.objective)
     needs = needs_of(cfg.method)
     uses_teacher = needs.teacher
+    # A key the method does not take is a ConfigError, not instantiate's TypeError.
+    check_keys(cfg.method, "method", RUNTIME_ARGS)
     if uses_teacher and "teacher" not in cfg:
         raise ConfigError("teacher", None, "a model config: add model@teacher=<model>")
     if "teacher" in cfg and not uses_teacher:
@@ -209,13 +238,15 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     resume_path = (
-        distributed.on_main(lambda: _resume_path(cfg, tracker)) if built.needs.trains else None
+        distributed.on_main(lambda: _resume_path(cfg, tracker) or requeued_checkpoint(job.out_dir))
+        if built.needs.trains
+        else None
     )
     state = read_training_state(resume_path, "resume") if resume_path else None
     # A resumed run keeps writing into the folder of the checkpoint it carries on from.
     checkpoint_dir = resume_path.parent if resume_path else job.out_dir / "checkpoints"
-    names = {k: job.names[k] for k in ("method", "model", "dataset")}
-    run_name = "-".join([*names.values(), f"seed{cfg.seed}", uuid.uuid4().hex[:6]])
+    run_name = name_run(cfg, job, tracker)  # also adds the description and group tags to job
+    reporter = trial_reporter(job.tags) if distributed.is_main() else None  # a pruned search
     tags = {**_tags(cfg, job.names, device), LINEAGE_TAG: built.lineage, **job.tags}
     if built.needs.is_baseline and cfg.checkpoint is None:  # reusable as a teacher or start
         tags["kdexp.pretrain_key"] = pretrain_key(cfg)
@@ -223,55 +254,93 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
     resume_id = state.get("run_id") or None if state else None
     if state and resume_id:  # the run keeps its params and tags; only these change
         tags = {"kdexp.checkpoint": tags["kdexp.checkpoint"], "kdexp.resumed_in": str(job.out_dir)}
+        tags.update(requeue_tags())
         log.info("resuming run %s at step %d from %s", resume_id, state["step"], resume_path)
     spool = job.out_dir / SPOOL_FILE
     with tracker.run(
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
-        if built.needs.trains:
-            try:
-                result = _fit(cfg, built, model, checkpoint_dir, state)
-            except Interrupted as stop:
-                stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
-                tracker.set_tags({"kdexp.resume": stop.command})
-                raise
-        else:
-            result = evaluate_only(model, method, data, tracker, device)
-        if not distributed.is_main():  # rank 0 alone tests, measures and logs the final model
-            final: dict[str, float] = distributed.from_main({})  # rank 0's final metrics
-            return RunResult(final, checkpoint_dir / "final.pt", None, built.lineage)
-        if cfg.test_on == "best" and built.needs.trains:
-            model.load_state_dict(read_state_dict(checkpoint_dir / "best.pt", "test_on"))
-        model = method.end(model)
-        final_checkpoint = checkpoint_dir / "final.pt"
-        save_checkpoint(final_checkpoint, model)
-        with phase("final evaluation"):
-            test = evaluate(model, data.test, device, built.criterion)
-        final = {
-            "best/val_acc1": result.best_val_acc1,
-            "best/epoch": result.best_epoch,
-            "last/val_acc1": result.history[-1]["val/acc1"],
-            "test/loss": test["loss"],
-            "test/acc1": test["acc1"],
-            "test/acc5": test["acc5"],
-            **model_stats(model, data.input_shape, cfg.schedule.batch_size, cfg.latency_repeats),
-            **method.summary(),
-        }
-        tracker.log_metrics(final, result.steps)
-        tracker.flush()
-        tracker.log_model(model, _input_example(data.test))
-        if OmegaConf.select(cfg, "export_onnx", default=False):
-            log_onnx(tracker, model, _input_example(data.test), job.out_dir, result.steps)
-        _log_artifacts(tracker, cfg, job.out_dir, result.history)
-        for path in method.artifacts(job.out_dir / "method"):
-            tracker.log_artifact(path, "method")
+        tracker.log_dataset(data, job.names["dataset"], cfg.dataset)
+        if distributed.is_main():  # where to watch it, before the first epoch
+            print(f"kdexp: {run_name}: started; logging to {tracker.describe()}", flush=True)
+        try:
+            if built.needs.trains:
+                result = _fit(cfg, built, model, checkpoint_dir, state, reporter)
+            else:
+                result = evaluate_only(model, method, data, tracker, device)
+            if result.stopped_after is not None:  # pruned: FINISHED, with the epochs it trained
+                tracker.set_tags({PRUNED_TAG: str(result.stopped_after)})
+            if not distributed.is_main():  # rank 0 alone tests, measures and logs the final model
+                final: dict[str, float] = distributed.from_main({})  # rank 0's final metrics
+                return RunResult(final, checkpoint_dir / "final.pt", None, built.lineage)
+            final = _finish(cfg, job, built, model, result, checkpoint_dir, resume_id)
+        except Interrupted as stop:
+            stop.command = _resume_command(job, tracker.run_id, stop.checkpoint)
+            stop.run_id = stop.run_id or tracker.run_id
+            tracker.set_tags({"kdexp.resume": stop.command})
+            raise
     print(
         f"kdexp: {run_name}: test/acc1 {final['test/acc1']:.2f}%  "
-        f"best/val_acc1 {result.best_val_acc1:.2f}% (epoch {result.best_epoch + 1})\n"
+        f"best/val_acc1 {result.best_val_acc1:.2f}% (epoch {result.best_epoch})\n"
         f"kdexp: logged to {tracker.describe()}\nkdexp: outputs in {job.out_dir}",
         flush=True,
     )
-    return RunResult(distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage)
+    final_checkpoint = checkpoint_dir / "final.pt"
+    pruned = result.stopped_after is not None
+    return RunResult(
+        distributed.from_main(final), final_checkpoint, tracker.run_id, built.lineage, pruned=pruned
+    )
+
+
+def _finish(
+    cfg: DictConfig,
+    job: Job,
+    built: _Built,
+    model: nn.Module,
+    result: FitResult,
+    checkpoint_dir: Path,
+    resume_id: str | None,
+) -> dict[str, float]:
+    """Test, measure and log the trained model: the run's final phases.
+
+    A signal between two phases stops the run KILLED (:func:`raise_if_stopped`); training is
+    complete in ``last.pt`` by then, so a resume only redoes these phases. Metrics already in
+    the run are not logged twice (the tracker skips them) and the model is not logged twice.
+    """
+    tracker, data, method, device = built.tracker, built.data, built.method, built.device
+    last = checkpoint_dir / "last.pt" if built.needs.trains else None
+    if cfg.test_on == "best" and built.needs.trains:
+        model.load_state_dict(read_state_dict(checkpoint_dir / "best.pt", "test_on"))
+    model = method.end(model)
+    save_checkpoint(checkpoint_dir / "final.pt", model)
+    raise_if_stopped(result.steps, last)
+    with phase("final evaluation"):
+        test = evaluate(model, data.test, device, built.criterion)
+    final = {
+        "best/val_acc1": result.best_val_acc1,
+        "best/epoch": result.best_epoch,
+        "last/val_acc1": result.history[-1]["val/acc1"],
+        "test/loss": test["loss"],
+        "test/acc1": test["acc1"],
+        "test/acc5": test["acc5"],
+        **model_stats(model, data.input_shape, cfg.schedule.batch_size, cfg.latency_repeats),
+        **method.summary(),
+    }
+    final.update(compression_metrics(model, final))  # reads the method's model/* counts
+    raise_if_stopped(result.steps, last)
+    tracker.log_summary(final, result.steps)  # at step 0: the UI draws them as bars
+    tracker.flush()
+    raise_if_stopped(result.steps, last)
+    if not (resume_id and tracker.run_tag(resume_id, MODEL_LOGGED_TAG, "resume") == "true"):
+        tracker.log_model(model, _input_example(data.test))
+        tracker.set_tags({MODEL_LOGGED_TAG: "true"})
+    raise_if_stopped(result.steps, last)
+    if OmegaConf.select(cfg, "export_onnx", default=False):
+        log_onnx(tracker, model, _input_example(data.test), job.out_dir, result.steps)
+    _log_artifacts(tracker, cfg, job.out_dir, result.history)
+    for path in method.artifacts(job.out_dir / "method"):
+        tracker.log_artifact(path, "method")
+    return final
 
 
 @phase("train")
@@ -281,8 +350,10 @@ def _fit(
     model: nn.Module,
     checkpoint_dir: Path,
     state: dict[str, Any] | None,
+    reporter: Reporter | None = None,
 ) -> FitResult:
-    """Build the optimizer and LR schedule for ``model`` and the method, and run the loop."""
+    """Build the optimizer and LR schedule for ``model`` and the method, and run the loop;
+    ``reporter`` (a search trial's) may stop it after an epoch."""
     device, data, method = built.device, built.data, built.method
     # torch.compile of a Module returns an OptimizedModule, itself a Module.
     trained = cast(nn.Module, torch.compile(model)) if cfg.compile else model
@@ -304,6 +375,7 @@ def _fit(
         checkpoint_dir=checkpoint_dir if distributed.is_main() else None,
         checkpoint_every_steps=OmegaConf.select(cfg, "checkpoint_every_steps"),
         on_nonfinite=OmegaConf.select(cfg, "on_nonfinite", default="stop"),
+        on_epoch=reporter.on_epoch if reporter is not None else None,
     )
     ddp = distributed.current() is not None
     front = distributed.wrap(trained, method, data.train, device) if ddp else None
@@ -459,6 +531,7 @@ def _hydra_tags() -> dict[str, str]:
         parent = parent_run(Path(hc.sweep.dir))
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
+        tags.update(trial_tags())  # optuna.study, optuna.trial (kdexp_optuna sweeper)
     return tags
 
 

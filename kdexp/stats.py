@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
+import math
 import statistics
 import time
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -15,6 +18,8 @@ from kdexp.timings import phase
 #: Seconds of timed calls after which :func:`latency_ms` stops early (still at least
 #: ``min_repeats`` calls): a large model's twenty calls would otherwise cost seconds per run.
 LATENCY_BUDGET_S = 0.5
+
+log = logging.getLogger(__name__)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -86,4 +91,26 @@ def model_stats(
         "model/flops": flops(cpu, one),
         "model/latency_ms": latency_ms(cpu, one, repeats),
         "model/latency_ms_batch": latency_ms(cpu, batch, max(3, repeats // 4)),
+    }
+
+
+def compression_metrics(model: nn.Module, metrics: Mapping[str, float]) -> dict[str, float]:
+    """``model/compressed_bytes`` (the final model in :mod:`kdexp.compress`'s format) and
+    ``model/compression_ratio``: the dense fp32 start's bytes over it.
+
+    The dense fp32 start is 4 bytes × the parameters of the model the run started from:
+    ``model/dense_params`` where the method logs it (pruning: the model before pruning, wider
+    for channel pruning), else ``model/params`` (quantization logs the fp32 count there).
+    """
+    from kdexp.compress import compressed_size
+
+    try:
+        compressed = compressed_size(copy.deepcopy(model).cpu())
+    except TypeError as error:  # a state_dict entry the format cannot hold: the run still ends
+        log.warning("model/compressed_bytes not measured: %s", error)
+        return {"model/compressed_bytes": math.nan, "model/compression_ratio": math.nan}
+    dense = metrics.get("model/dense_params", metrics.get("model/params", 0))
+    return {
+        "model/compressed_bytes": compressed,
+        "model/compression_ratio": 4 * float(dense) / compressed,
     }

@@ -29,6 +29,11 @@ except ImportError:  # pragma: no cover - hydra < 1.1
 FAILURE_FILE = "failed.txt"
 JOB_FILE = "job.json"
 SWEEP_FILE = "sweep_run.json"
+#: In a sweep's folder: written when the sweep is stopped (it holds the signal's number); every
+#: job polls it and stops KILLED and resumable, and jobs not yet begun do not begin.
+STOP_FILE = "stop_requested"
+#: In a job's folder: how many times the job was requeued (SLURM time limit or preemption).
+REQUEUE_FILE = "requeued.json"
 
 
 def sweep_id(sweep_dir: Path) -> str:
@@ -42,6 +47,71 @@ def parent_run(sweep_dir: Path) -> str | None:
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
 
 
+def _hydra_dirs() -> tuple[Path, Path] | None:
+    """(sweep folder, job folder) of the current multirun job, or None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir), Path(hc.runtime.output_dir)
+
+
+def stop_file() -> Path | None:
+    """The file whose appearance stops the current sweep's jobs; None outside a multirun."""
+    dirs = _hydra_dirs()
+    return dirs[0] / STOP_FILE if dirs else None
+
+
+def request_stop(sweep_dir: Path, signum: int) -> None:
+    """Ask every job of the sweep to stop (see :data:`STOP_FILE`)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / STOP_FILE
+    if not path.is_file():
+        path.write_text(str(int(signum)))
+
+
+def stop_requested(sweep_dir: Path) -> int | None:
+    """The signal that stopped the sweep, or None if it was not stopped."""
+    path = Path(sweep_dir) / STOP_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    return int(text) if text.isdigit() else 15
+
+
+def requeues(job_dir: Path) -> int:
+    """How many times the job in ``job_dir`` was requeued."""
+    path = Path(job_dir) / REQUEUE_FILE
+    return int(json.loads(path.read_text())["count"]) if path.is_file() else 0
+
+
+def record_requeue(job_dir: Path) -> int:
+    """Count one more requeue of the job in ``job_dir``; return the count."""
+    count = requeues(job_dir) + 1
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / REQUEUE_FILE).write_text(json.dumps({"count": count}))
+    return count
+
+
+def requeue_tags() -> dict[str, str]:
+    """``kdexp.requeued``: how many times the current job was requeued, when it was."""
+    dirs = _hydra_dirs()
+    count = requeues(dirs[1]) if dirs else 0
+    return {"kdexp.requeued": str(count)} if count else {}
+
+
+def requeued_checkpoint(out_dir: Path) -> Path | None:
+    """In a job that was requeued, the training state it left in ``out_dir`` (its own folder or
+    a sub-run's, a teacher's say): the job carries on from it with no ``resume=`` typed."""
+    dirs = _hydra_dirs()
+    if dirs is None or not requeues(dirs[1]):
+        return None
+    path = Path(out_dir) / "checkpoints" / "last.pt"
+    return path.resolve() if path.is_file() else None
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -52,19 +122,34 @@ def record_job(
     run_id: str | None,
     objective: float | list[float],
     reused: bool,
+    pruned: bool = False,
 ) -> None:
     """Write a finished job's outcome to ``<job dir>/job.json`` for the sweep's table.
 
-    ``objective`` is one value, or a list of them for a multi-objective sweep.
+    ``objective`` is one value, or a list of them for a multi-objective sweep. Status: PRUNED
+    (a search trial its pruner stopped, :mod:`kdexp.search`), REUSED or FINISHED.
     """
     job_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "overrides": " ".join(overrides),
-        "status": "REUSED" if reused else "FINISHED",
+        "status": "PRUNED" if pruned else "REUSED" if reused else "FINISHED",
         "run_id": run_id,
         "objective": (
             [_finite(v) for v in objective] if isinstance(objective, list) else _finite(objective)
         ),
+    }
+    (job_dir / JOB_FILE).write_text(json.dumps(record))
+
+
+def record_stopped(job_dir: Path, overrides: list[str], run_id: str | None, message: str) -> None:
+    """Write a job stopped by a signal (KILLED, resumable) to ``<job dir>/job.json``."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "overrides": " ".join(overrides),
+        "status": "KILLED",
+        "run_id": run_id,
+        "objective": None,
+        "message": message,
     }
     (job_dir / JOB_FILE).write_text(json.dumps(record))
 
@@ -79,6 +164,7 @@ class JobRow:
     objective: float | list[float | None] | None
     run_id: str
     message: str
+    requeued: int = 0
 
 
 def jobs(sweep_dir: Path) -> list[JobRow]:
@@ -94,12 +180,15 @@ def jobs(sweep_dir: Path) -> list[JobRow]:
                     record["status"],
                     record["objective"],
                     record["run_id"] or "",
-                    "",
+                    record.get("message", ""),
+                    requeues(folder),
                 )
             )
         elif (folder / FAILURE_FILE).is_file():
             overrides, _, message = (folder / FAILURE_FILE).read_text().partition("\n")
-            rows.append(JobRow(folder.name, overrides, "FAILED", None, "", message.strip()))
+            row = JobRow(folder.name, overrides, "FAILED", None, "", message.strip())
+            row.requeued = requeues(folder)
+            rows.append(row)
     return rows
 
 
@@ -112,11 +201,19 @@ def _values(objective: float | list[float | None] | None, count: int) -> list[st
 
 def write_jobs_table(rows: list[JobRow], folder: Path, objective: str | list[str]) -> list[Path]:
     """``sweep_jobs.csv`` and ``sweep_jobs.md``: one row per job (overrides, status, objective,
-    one column per metric when ``objective`` lists several)."""
+    one column per metric when ``objective`` lists several, run, error, times requeued)."""
     names = objective if isinstance(objective, list) else [objective]
-    header = ["job", "overrides", "status", *names, "run", "error"]
+    header = ["job", "overrides", "status", *names, "run", "error", "requeued"]
     cells = [
-        [r.job, r.overrides, r.status, *_values(r.objective, len(names)), r.run_id, r.message]
+        [
+            r.job,
+            r.overrides,
+            r.status,
+            *_values(r.objective, len(names)),
+            r.run_id,
+            r.message,
+            str(r.requeued),
+        ]
         for r in rows
     ]
     folder.mkdir(parents=True, exist_ok=True)

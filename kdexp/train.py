@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ class FitResult:
     best_epoch: int = -1
     steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_after: int | None = None  # epochs trained when on_epoch stopped the run early
 
 
 @dataclass
@@ -58,6 +59,9 @@ class LoopOptions:
     checkpoint_dir: Path | None = None
     checkpoint_every_steps: int | None = None  # also write last.pt every N steps
     on_nonfinite: str = "stop"  # "stop": raise FloatingPointError; "skip": drop the batch
+    # Called after each epoch's validation with (epoch, metrics); True stops training after this
+    # epoch (a search trial its pruner stopped: kdexp.search.Reporter.on_epoch).
+    on_epoch: Callable[[int, dict[str, float]], bool] | None = None
 
 
 def _autocast(device: torch.device, amp: str | None) -> AbstractContextManager[Any]:
@@ -69,11 +73,18 @@ def _autocast(device: torch.device, amp: str | None) -> AbstractContextManager[A
 _LINE_EVERY_S = 30.0  # where output is not a terminal, a progress line at most this often
 
 
-def _progress(loader: Iterable[Any], epoch: int, epochs: int) -> Iterable[Any]:
-    """A progress bar on a terminal; elsewhere (CI, cluster logs) the loader itself."""
+def _progress(loader: Iterable[Any], epoch: int, epochs: int, total: int) -> Any:
+    """A progress bar on a terminal (``total`` batches left in the epoch, so it shows an ETA);
+    elsewhere (CI, cluster logs) the loader itself, and plain lines report progress."""
     if sys.stderr.isatty() and distributed.is_main():
-        return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        desc = f"epoch {epoch} ({_epochs(epochs)})"
+        return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True)
     return loader
+
+
+def _epochs(epochs: int) -> str:
+    """Epochs count from 0, as MLflow's ``epoch`` and ``best/epoch`` do: ``0-19`` for 20."""
+    return f"0-{epochs - 1}"
 
 
 def fit(
@@ -118,14 +129,16 @@ def fit(
     if resume is not None:
         at, best = saver.restore(resume, device)
         result = FitResult(**best)
-    last_line, terminal = time.monotonic(), sys.stderr.isatty()
+    last_line = time.monotonic()
+    sparsity: float | None = None  # the latest sparsity/global a pruning method reported
     steps_per_epoch = len(data.train)  # type: ignore[arg-type]
     with stop_signals() as stop:
         for epoch in range(at.epoch, options.epochs):
             model.train()
             method.train()
             start = time.perf_counter()
-            for x, y, rows in _progress(saver.batches(at), epoch, options.epochs):
+            bar = _progress(saver.batches(at), epoch, options.epochs, steps_per_epoch - at.batch)
+            for x, y, rows in bar:
                 inputs, targets = to_device((x, y), device, options.channels_last)
                 ctx = Step(epoch, at.step, at.batch, rows, options.epochs, steps_per_epoch)
                 with _autocast(device, options.amp):
@@ -158,17 +171,21 @@ def fit(
                     metrics = distributed.batch_metrics(metrics, data.train, device)
                     tracker.log_metrics({**metrics, **extra}, at.step)
                     _check_finite(metrics, at.step)
-                    if not terminal and time.monotonic() - last_line >= _LINE_EVERY_S:
+                    if isinstance(bar, tqdm):
+                        bar.set_postfix({"train/loss": f"{metrics['train/loss']:.4f}"})
+                    elif time.monotonic() - last_line >= _LINE_EVERY_S:
                         last_line = time.monotonic()
                         log.info(
-                            "epoch %d/%d  step %d  train/loss %.4f",
-                            epoch + 1,
-                            options.epochs,
+                            "epoch %d (%s)  step %d  train/loss %.4f",
+                            epoch,
+                            _epochs(options.epochs),
                             at.step,
                             metrics["train/loss"],
                         )
                 elif extra:
                     tracker.log_metrics(extra, at.step)
+                if "sparsity/global" in extra:  # printed on the epoch's line
+                    sparsity = extra["sparsity/global"]
                 at.step, at.batch = at.step + 1, at.batch + 1
                 every = options.checkpoint_every_steps
                 if stop.signum is not None or (every and at.step % every == 0):
@@ -195,7 +212,8 @@ def fit(
             if options.on_nonfinite == "skip":
                 metrics["train/skipped_steps"] = at.skipped
             result.history.append(metrics)
-            last_epoch = epoch == options.epochs - 1
+            stop_here = options.on_epoch is not None and options.on_epoch(epoch, metrics)
+            last_epoch = epoch == options.epochs - 1 or stop_here
             if (val["acc1"] > result.best_val_acc1 and method.selects_best()) or (
                 last_epoch and result.best_epoch < 0  # no epoch qualified: the last one is best
             ):
@@ -205,16 +223,22 @@ def fit(
             at.next_epoch()
             saver.save(at, asdict(result))
             log.info(
-                "epoch %d/%d  loss %.4f  train/acc1 %.2f  val/acc1 %.2f  (%.1fs)",
-                epoch + 1,
-                options.epochs,
+                "epoch %d (%s)  train/epoch_loss %.4f  val/loss %.4f  train/acc1 %.2f  "
+                "val/acc1 %.2f%s  (%.1fs)",
+                epoch,
+                _epochs(options.epochs),
+                metrics["train/epoch_loss"],
                 val["loss"],
                 metrics["train/acc1"],
                 val["acc1"],
+                f"  sparsity {sparsity:.4f}" if sparsity is not None else "",
                 metrics["epoch_time_s"],
             )
             if stop.signum is not None:
                 raise Interrupted(stop.signum, at.step, last)
+            if stop_here:
+                result.stopped_after = epoch + 1
+                break
     result.steps = at.step
     return result
 

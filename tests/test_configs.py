@@ -3,19 +3,41 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tests.conftest import CONF
 
 GROUPS = ["model", "dataset", "method", "schedule", "tracking"]
+# Groups of components that a method or dataset holds (not options of the group above them), and
+# the class each of their entries must build.
+COMPONENTS = {
+    "method/prune/schedule": "kdexp.method.prune.schedule.Schedule",
+    "method/prune/importance": "kdexp.method.prune.importance.ChannelImportance",
+    "dataset/augment": "kdexp.dataset.augment.Augment",
+}
+
+
+def _is_option(path: Path) -> bool:
+    """A user option: not a shared ``_`` piece, not in a component group."""
+    relative = path.relative_to(CONF).as_posix()
+    return not path.name.startswith("_") and not any(
+        relative.startswith(f"{group}/") for group in COMPONENTS
+    )
+
+
 OPTIONS = sorted(
     (group, str(path.relative_to(CONF / group).with_suffix("")))
     for group in GROUPS
     for path in (CONF / group).rglob("*.yaml")
+    if _is_option(path)
+)
+COMPONENT_OPTIONS = sorted(
+    (group, path.stem) for group in COMPONENTS for path in (CONF / group).glob("*.yaml")
 )
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # Sources that need files on disk are built in tests/test_datasets.py instead.
@@ -74,3 +96,27 @@ def test_experiment_composes(compose_cfg, name: str) -> None:
 def test_model_follows_dataset_without_edits(compose_cfg) -> None:
     cfg = compose_cfg("dataset=cifar100", "model=resnet8")
     assert (cfg.model.num_classes, cfg.model.in_channels) == (100, 3)
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), COMPONENT_OPTIONS, ids=[f"{g}={o}" for g, o in COMPONENT_OPTIONS]
+)
+def test_component_builds_its_class_and_is_found_by_name(group: str, option: str) -> None:
+    from kdexp import choices
+
+    expected = _import(COMPONENTS[group])
+    built = instantiate(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    assert isinstance(built, expected), (group, option, built)  # type: ignore[arg-type]
+    assert option in choices.options(group)
+    assert type(choices.build(option, group, "key")) is type(built)
+
+
+def test_shared_pieces_are_not_options() -> None:
+    from kdexp import choices
+
+    shared = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("_*.yaml"))
+    assert shared == ["method/distill/_teacher.yaml", "method/prune/_base.yaml"]
+    assert "_base" not in choices.options("method/prune")
+    assert ("method", "prune/_base") not in OPTIONS
+    assert ("method", "prune/schedule/agp") not in OPTIONS
+    assert ("method", "prune/magnitude") in OPTIONS

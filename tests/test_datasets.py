@@ -439,7 +439,11 @@ def test_config_keys_are_kwargs(path: Path) -> None:
     cfg = OmegaConf.load(path)
     module, _, func = cfg._target_.rpartition(".")
     params = inspect.signature(getattr(__import__(module, fromlist=[func]), func)).parameters
-    keys = {k for k in cfg if not k.startswith("_")}
+    # Keys of the file itself, and those its defaults list fills (augment@augment: crop_flip).
+    filled = [
+        str(next(iter(d))).rpartition("@")[2] for d in cfg.get("defaults", []) if d != "_self_"
+    ]
+    keys = {k for k in cfg if not k.startswith("_") and k != "defaults"} | set(filled)
     assert keys <= set(params) and "batch_size" not in keys and "seed" not in keys
     required = {k for k, p in params.items() if p.default is inspect.Parameter.empty}
     assert required - keys <= {"batch_size", "seed"}
@@ -463,16 +467,34 @@ def test_synthetic_config() -> None:
     assert sizes == {"train": 448, "val": 64, "test": 128}
 
 
-def test_torchvision_config(tmp_path: Path) -> None:
+def test_torchvision_config(compose_cfg, tmp_path: Path) -> None:
     _write_cifar(tmp_path, 10)
-    cfg = OmegaConf.load(CONF / "cifar10.yaml")
-    cfg.root, cfg.val_size = str(tmp_path), 10
-    data = hydra.utils.instantiate(cfg)(batch_size=16, seed=0)
+    cfg = compose_cfg("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.val_size=10")
+    data = hydra.utils.instantiate(cfg.dataset)(batch_size=16, seed=0)
     x, _ = next(iter(data.train))
     assert x.shape == (16, 3, 32, 32) and data.num_classes == 10
+    assert type(data.train.augment).__name__ == "CropFlip" and data.train.augment.padding == 4
 
 
-def test_imagefolder_config_requires_root() -> None:
+def test_imagefolder_config_requires_root(compose_cfg) -> None:
+    cfg = compose_cfg("dataset=imagefolder")
     with pytest.raises(ConfigError) as err:
-        hydra.utils.instantiate(OmegaConf.load(CONF / "imagefolder.yaml"))(batch_size=4, seed=0)
+        hydra.utils.instantiate(cfg.dataset)(batch_size=4, seed=0)
     assert err.value.key == "dataset.root" and "set dataset.root" in str(err.value)
+
+
+def test_augment_by_name_node_or_object_draws_the_same(compose_cfg) -> None:
+    from kdexp.dataset.augment import CropFlip
+
+    x = torch.arange(4 * 3 * 6 * 6, dtype=torch.float32).view(4, 3, 6, 6)
+    y = torch.arange(4)
+    node = compose_cfg("dataset=cifar10", "dataset.augment.padding=2").dataset.augment
+    batches = [
+        next(iter(TensorLoader(x, y, batch_size=4, augment=augment, seed=5)))[0]
+        for augment in ("crop_flip", CropFlip(padding=4), hydra.utils.instantiate(node))
+    ]
+    assert torch.equal(batches[0], batches[1]) and batches[0].shape == x.shape
+    assert not torch.equal(batches[0], batches[2])  # padding 2 draws offsets in 0..4, not 0..8
+    assert compose_cfg("dataset=cifar10", "dataset.augment=null").dataset.augment is None
+    with pytest.raises(ConfigError, match="dataset.augment='cutout': one of crop_flip, flip"):
+        TensorLoader(x, y, batch_size=4, augment="cutout")

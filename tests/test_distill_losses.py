@@ -22,7 +22,7 @@ from kdexp.method.distill.at import AT, at_loss, attention_map
 from kdexp.method.distill.base import pool_to_common_size
 from kdexp.method.distill.crd import CRD, ContrastiveMemory, Embed, nce_contrast_loss
 from kdexp.method.distill.dkd import DKD, dkd_loss
-from kdexp.method.distill.fitnet import FitNet, hint_loss
+from kdexp.method.distill.fitnet import FitNet, _regressor, hint_loss
 from kdexp.method.distill.nst import NST, nst_loss
 from kdexp.method.distill.pkt import PKT, pkt_loss
 from kdexp.method.distill.rkd import RKD, rkd_angle_loss, rkd_distance_loss
@@ -94,6 +94,118 @@ def test_hint_loss_loop_zero_grad_and_shapes() -> None:
     _grad_reaches(hint_loss, s, t)
     with pytest.raises(ValueError, match="does not match"):
         hint_loss(s, t[:, :2])
+
+
+def _naive_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, stride: int, pad: int):
+    """A 2-d convolution with loops: out[o,i,j] = bias[o] + Σ w[o,c,u,v]·x[c, i·s−p+u, j·s−p+v]."""
+    n_b, c_in, h, wd = x.shape
+    c_out, _, kh, kw = w.shape
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    out = []
+    for n in range(n_b):
+        for o in range(c_out):
+            for i in range(oh):
+                for j in range(ow):
+                    acc = bias[o]
+                    for c in range(c_in):
+                        for u in range(kh):
+                            for v in range(kw):
+                                y, z = i * stride - pad + u, j * stride - pad + v
+                                if 0 <= y < h and 0 <= z < wd:
+                                    acc = acc + w[o, c, u, v] * x[n, c, y, z]
+                    out.append(acc)
+    return torch.stack(out).view(n_b, c_out, oh, ow)
+
+
+def _naive_conv_transpose(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, stride: int, pad: int
+):
+    """A transposed convolution with loops: input x[c,i,j] adds w[c,o,u,v]·x[c,i,j] to output
+    position (i·s − p + u, j·s − p + v)."""
+    n_b, c_in, h, wd = x.shape
+    _, c_out, kh, kw = w.shape
+    oh, ow = (h - 1) * stride - 2 * pad + kh, (wd - 1) * stride - 2 * pad + kw
+    acc: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for n in range(n_b):
+        for c in range(c_in):
+            for i in range(h):
+                for j in range(wd):
+                    for o in range(c_out):
+                        for u in range(kh):
+                            for v in range(kw):
+                                y, z = i * stride - pad + u, j * stride - pad + v
+                                if 0 <= y < oh and 0 <= z < ow:
+                                    acc.setdefault((n, o, y, z), []).append(
+                                        w[c, o, u, v] * x[n, c, i, j]
+                                    )
+    out = [
+        bias[o] + sum(acc.get((n, o, y, z), []))
+        for n in range(n_b)
+        for o in range(c_out)
+        for y in range(oh)
+        for z in range(ow)
+    ]
+    return torch.stack(out).view(n_b, c_out, oh, ow)
+
+
+def _naive_bn_relu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5):
+    """Training-mode batch norm (batch statistics, biased variance) per channel, then ReLU."""
+    channels = []
+    for o in range(x.shape[1]):
+        v = x[:, o]
+        mean = v.sum() / v.numel()
+        var = ((v - mean) ** 2).sum() / v.numel()
+        y = (v - mean) / torch.sqrt(var + eps) * gamma[o] + beta[o]
+        channels.append(torch.where(y > 0, y, torch.zeros_like(y)))
+    return torch.stack(channels, 1)
+
+
+# (student map, teacher map, the reference's conv: kind, kernel, stride, padding)
+CONV_REG_CASES = [
+    ((2, 3, 4, 4), (2, 5, 2, 2), ("conv", 3, 2, 1)),  # student twice the teacher's size
+    ((2, 3, 2, 2), (2, 5, 4, 4), ("transpose", 4, 2, 1)),  # half of it
+    ((2, 3, 4, 4), (2, 5, 3, 3), ("conv", 2, 1, 0)),  # larger: valid conv, kernel 1 + Δ
+    ((2, 3, 3, 3), (2, 5, 3, 3), ("conv", 1, 1, 0)),  # equal: 1×1 conv
+]
+
+
+@pytest.mark.parametrize(("s_shape", "t_shape", "conv"), CONV_REG_CASES)
+def test_fitnet_reference_regressor_value_and_gradient(s_shape, t_shape, conv) -> None:
+    kind, kernel, stride, pad = conv
+    regressor = _regressor(torch.Size(s_shape), torch.Size(t_shape), ("s", "t"), "reference")
+    regressor = regressor.double().train()
+    layer, bn, _ = regressor
+    assert isinstance(layer, nn.ConvTranspose2d if kind == "transpose" else nn.Conv2d)
+    assert (layer.kernel_size, layer.stride, layer.padding) == (
+        (kernel, kernel),
+        (stride, stride),
+        (pad, pad),
+    )
+    with torch.no_grad():  # a non-trivial affine BN
+        bn.weight.copy_(1 + _randn(t_shape[1], seed=40))
+        bn.bias.copy_(_randn(t_shape[1], seed=41))
+    fs = _randn(*s_shape, seed=42).requires_grad_(True)
+    ft = _randn(*t_shape, seed=43)
+    got = hint_loss(regressor(fs), ft)
+    naive = _naive_conv_transpose if kind == "transpose" else _naive_conv
+    proj = _naive_bn_relu(naive(fs, layer.weight, layer.bias, stride, pad), bn.weight, bn.bias)
+    diff = [(a - b) ** 2 for a, b in zip(proj.flatten(), ft.flatten(), strict=True)]
+    ref = sum(diff) / len(diff)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-10)
+    params = [fs, layer.weight, layer.bias, bn.weight, bn.bias]
+    grads = torch.autograd.grad(got, params)
+    ref_grads = torch.autograd.grad(ref, params)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
+
+
+def test_fitnet_regressor_forms_and_sizes_without_a_reference_conv() -> None:
+    pool = _regressor(torch.Size((2, 3, 8, 8)), torch.Size((2, 5, 2, 2)), ("s", "t"), "pool")
+    assert len(pool) == 2 and pool[0].kernel_size == (1, 1) and pool[0].bias is None
+    for s, t in [((2, 3, 2, 2), (2, 5, 3, 3)), ((2, 3, 8, 6), (2, 5, 4, 4))]:
+        with pytest.raises(ConfigError, match="pool") as error:
+            _regressor(torch.Size(s), torch.Size(t), ("s", "t"), "reference")
+        assert error.value.key == "method.regressor"
 
 
 # ----------------------------------------------------------------------------- attention transfer
@@ -188,21 +300,27 @@ def test_sp_loss_loops_zero_grad_shapes() -> None:
 # ----------------------------------------------------------------------------- RKD
 
 
-def _naive_rkd_distance(es: torch.Tensor, et: torch.Tensor) -> float:
+def _naive_rkd_distance(es: torch.Tensor, et: torch.Tensor, reduction: str) -> float:
+    """Python floats; ``reference`` sums over the b² ordered pairs (diagonal 0), divides by b²."""
     b = es.shape[0]
 
     def normalised(e: torch.Tensor) -> dict[tuple[int, int], float]:
         rows = [_vec(e[i]) for i in range(b)]
         d = {(i, j): math.dist(rows[i], rows[j]) for i in range(b) for j in range(b) if i != j}
-        nonzero = [v for v in d.values() if v > 0]
-        mu = sum(nonzero) / len(nonzero)
+        # the reference's pdist clamps squared distances at 1e-12, so every off-diagonal entry is
+        # positive and counts in the mean (coincident rows too); distinct leaves those out
+        counted = list(d.values()) if reduction == "reference" else [v for v in d.values() if v > 0]
+        mu = sum(counted) / len(counted)
         return {key: v / mu for key, v in d.items()}
 
     ds, dt = normalised(es), normalised(et)
-    return sum(_huber(ds[key] - dt[key]) for key in ds) / len(ds)
+    total = sum(_huber(ds[key] - dt[key]) for key in ds)
+    return total / (b * b if reduction == "reference" else len(ds))
 
 
-def _naive_rkd_angle(es: torch.Tensor, et: torch.Tensor) -> float:
+def _naive_rkd_angle(es: torch.Tensor, et: torch.Tensor, reduction: str) -> float:
+    """Python floats; ``reference`` divides the distinct triplets' sum by b³ (the degenerate
+    triplets of distinct rows agree exactly: 0 with a zero edge, 1 for i = k)."""
     b = es.shape[0]
 
     def cosines(e: torch.Tensor) -> dict[tuple[int, int, int], float]:
@@ -218,63 +336,131 @@ def _naive_rkd_angle(es: torch.Tensor, et: torch.Tensor) -> float:
         return out
 
     cs, ct = cosines(es), cosines(et)
-    return sum(_huber(cs[key] - ct[key]) for key in cs) / len(cs)
+    total = sum(_huber(cs[key] - ct[key]) for key in cs)
+    return total / (b**3 if reduction == "reference" else len(cs))
 
 
-def test_rkd_by_hand() -> None:
+def _torch_huber(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x.abs() < 1, 0.5 * x * x, x.abs() - 0.5)
+
+
+def _reference_rkd(es: torch.Tensor, et: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepDistiller's RKD terms, written from its formula with loops (differentiable).
+
+    Distances: the b×b matrix with a zero diagonal, each divided by the mean of its positive
+    entries, smooth-L1 averaged over all b² entries. Angles: cos at vertex j of (e_i − e_j,
+    e_k − e_j) for all b³ index triplets, 0 where an edge is zero, smooth-L1 averaged over b³.
+    """
+    b = es.shape[0]
+    zero = es.new_zeros(())
+
+    def distances(e: torch.Tensor) -> list[list[torch.Tensor]]:
+        e = e.flatten(1)
+        d = [
+            [zero if i == j else (e[i] - e[j]).pow(2).sum().sqrt() for j in range(b)]
+            for i in range(b)
+        ]
+        positive = [d[i][j] for i in range(b) for j in range(b) if i != j]
+        mu = sum(positive) / len(positive)
+        return [[v / mu for v in row] for row in d]
+
+    def cosines(e: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
+        e = e.flatten(1)
+        out = {}
+        for j in range(b):
+            for i in range(b):
+                for k in range(b):
+                    if i == j or k == j:
+                        out[i, j, k] = zero
+                    else:
+                        u, v = e[i] - e[j], e[k] - e[j]
+                        out[i, j, k] = (u * v).sum() / (u.norm() * v.norm())
+        return out
+
+    ds, dt = distances(es), distances(et)
+    dist = sum(_torch_huber(ds[i][j] - dt[i][j]) for i in range(b) for j in range(b)) / b**2
+    cs, ct = cosines(es), cosines(et)
+    angle = sum(_torch_huber(cs[key] - ct[key]) for key in cs) / b**3
+    return dist, angle  # type: ignore[return-value]
+
+
+def test_rkd_by_hand_and_the_reduction_ratio_at_b3() -> None:
     # student: right isosceles triangle; teacher: equilateral triangle (all distances 1)
     es = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=D)
     et = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]], dtype=D)
-    # student distances 1, 1, √2 (mean (2+√2)/3); teacher all 1 after normalisation
+    # student distances 1, 1, √2 (mean (2+√2)/3); teacher all 1 after normalisation. Each
+    # unordered pair appears twice among the 6 off-diagonal entries of the 3×3 matrix.
     mu = (2 + math.sqrt(2)) / 3
-    diffs = [1 / mu - 1, 1 / mu - 1, math.sqrt(2) / mu - 1]
-    assert rkd_distance_loss(es, et).item() == pytest.approx(
-        sum(_huber(x) for x in diffs) / 3, rel=1e-12
-    )
+    pairs = sum(_huber(x) for x in [1 / mu - 1, 1 / mu - 1, math.sqrt(2) / mu - 1])
+    assert rkd_distance_loss(es, et).item() == pytest.approx(2 * pairs / 9, rel=1e-12)
+    assert rkd_distance_loss(es, et, "distinct").item() == pytest.approx(2 * pairs / 6, rel=1e-12)
     # student angles 90°, 45°, 45° against 60° each; each vertex appears in two ordered triplets
-    diffs = [0 - 0.5, math.sqrt(0.5) - 0.5, math.sqrt(0.5) - 0.5]
-    assert rkd_angle_loss(es, et).item() == pytest.approx(
-        sum(_huber(x) for x in diffs) / 3, rel=1e-12
-    )
+    # of the 6 distinct ones; the other 21 of the 27 triplets agree exactly
+    vertices = sum(_huber(x) for x in [0 - 0.5, math.sqrt(0.5) - 0.5, math.sqrt(0.5) - 0.5])
+    assert rkd_angle_loss(es, et).item() == pytest.approx(2 * vertices / 27, rel=1e-12)
+    assert rkd_angle_loss(es, et, "distinct").item() == pytest.approx(2 * vertices / 6, rel=1e-12)
+    # the issue's ratios at b = 3: distinct is 1.5× (distances) and 4.5× (angles) the reference
+    ratio_d = rkd_distance_loss(es, et, "distinct") / rkd_distance_loss(es, et)
+    ratio_a = rkd_angle_loss(es, et, "distinct") / rkd_angle_loss(es, et)
+    assert (ratio_d.item(), ratio_a.item()) == (pytest.approx(1.5), pytest.approx(4.5))
 
 
-def test_rkd_matches_loops() -> None:
+@pytest.mark.parametrize("b", [3, 6])
+def test_rkd_matches_the_reference_value_and_gradient(b: int) -> None:
+    es, et = 2 * _randn(b, 4, seed=11), _randn(b, 9, seed=12)
+    es.requires_grad_(True)
+    ref_dist, ref_angle = _reference_rkd(es, et)
+    for got, ref in ((rkd_distance_loss(es, et), ref_dist), (rkd_angle_loss(es, et), ref_angle)):
+        assert got.item() == pytest.approx(ref.item(), rel=1e-10)
+        (grad,) = torch.autograd.grad(got, es)
+        (ref_grad,) = torch.autograd.grad(ref, es, retain_graph=True)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["reference", "distinct"])
+def test_rkd_matches_loops(reduction: str) -> None:
     es, et = 2 * _randn(6, 4, seed=11), _randn(6, 9, seed=12)
-    assert rkd_distance_loss(es, et).item() == pytest.approx(_naive_rkd_distance(es, et), rel=1e-9)
-    assert rkd_angle_loss(es, et).item() == pytest.approx(_naive_rkd_angle(es, et), rel=1e-10)
+    got_d, got_a = rkd_distance_loss(es, et, reduction), rkd_angle_loss(es, et, reduction)
+    assert got_d.item() == pytest.approx(_naive_rkd_distance(es, et, reduction), rel=1e-9)
+    assert got_a.item() == pytest.approx(_naive_rkd_angle(es, et, reduction), rel=1e-10)
     # feature maps are flattened
     fs = es.view(6, 1, 2, 2)
-    assert rkd_angle_loss(fs, et).item() == pytest.approx(rkd_angle_loss(es, et).item())
+    assert rkd_angle_loss(fs, et, reduction).item() == pytest.approx(got_a.item())
 
 
-def test_rkd_zero_and_invariances() -> None:
+@pytest.mark.parametrize("reduction", ["reference", "distinct"])
+def test_rkd_zero_and_invariances(reduction: str) -> None:
     e = _randn(5, 3, seed=13)
-    assert rkd_distance_loss(e, e).item() == 0
-    assert rkd_angle_loss(e, e).item() == 0
+    assert rkd_distance_loss(e, e, reduction).item() == 0
+    assert rkd_angle_loss(e, e, reduction).item() == 0
     # both are invariant to scaling and translation of one side
-    assert rkd_distance_loss(3 * e + 1, e).item() == pytest.approx(0, abs=1e-12)
-    assert rkd_angle_loss(3 * e + 1, e).item() == pytest.approx(0, abs=1e-12)
+    assert rkd_distance_loss(3 * e + 1, e, reduction).item() == pytest.approx(0, abs=1e-12)
+    assert rkd_angle_loss(3 * e + 1, e, reduction).item() == pytest.approx(0, abs=1e-12)
 
 
-def test_rkd_gradients_even_with_duplicate_rows() -> None:
+@pytest.mark.parametrize("reduction", ["reference", "distinct"])
+def test_rkd_gradients_even_with_duplicate_rows(reduction: str) -> None:
     es, et = _randn(5, 3, seed=14), _randn(5, 3, seed=15)
-    _grad_reaches(rkd_distance_loss, es, et)
-    _grad_reaches(rkd_angle_loss, es, et)
+    dist = lambda s, t: rkd_distance_loss(s, t, reduction)  # noqa: E731
+    angle = lambda s, t: rkd_angle_loss(s, t, reduction)  # noqa: E731
+    _grad_reaches(dist, es, et)
+    _grad_reaches(angle, es, et)
     dup = es.clone()
     dup[1] = dup[0]
-    _grad_reaches(rkd_distance_loss, dup, et)
-    _grad_reaches(rkd_angle_loss, dup, et)
-    assert rkd_distance_loss(dup, et).item() == pytest.approx(
-        _naive_rkd_distance(dup, et), rel=1e-6
-    )
+    _grad_reaches(dist, dup, et)
+    _grad_reaches(angle, dup, et)
+    assert dist(dup, et).item() == pytest.approx(_naive_rkd_distance(dup, et, reduction), rel=1e-6)
     with pytest.raises(ValueError, match="batch sizes"):
-        rkd_angle_loss(es[:2], et[:2])
+        angle(es[:2], et[:2])
+    with pytest.raises(ValueError, match="reduction"):
+        rkd_distance_loss(es, et, "sum")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- PKT
 
 
-def _naive_pkt(es: torch.Tensor, et: torch.Tensor, eps: float = 1e-7) -> float:
+def _naive_pkt_distinct(es: torch.Tensor, et: torch.Tensor, eps: float = 1e-7) -> float:
+    """The paper's form without self-pairs, in Python floats."""
     b = es.shape[0]
 
     def probs(e: torch.Tensor) -> list[list[float]]:
@@ -294,17 +480,64 @@ def _naive_pkt(es: torch.Tensor, et: torch.Tensor, eps: float = 1e-7) -> float:
     return total / b**2
 
 
-def test_pkt_by_hand() -> None:
-    # b = 2: each row's only other sample has probability 1 for both nets, so the loss is zero
-    es, et = _randn(2, 3, seed=16), _randn(2, 5, seed=17)
-    assert pkt_loss(es, et).item() == pytest.approx(0, abs=1e-15)
-    # b = 3, teacher rows e1, e1, e2: K = [[·,1,½],[1,·,½],[½,½,·]]
-    # -> P_t rows (⅔, ⅓), (⅔, ⅓), (½, ½) over the other two samples in index order
-    et = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=D)
-    # student rows e1, e2, −e1: K = [[·,½,0],[½,·,½],[0,½,·]] -> P_s rows (1,0), (½,½), (0,1)
-    es = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=D)
+def _reference_pkt(es: torch.Tensor, et: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """RepDistiller's PKT, written from its formula with loops (differentiable): rows scaled by
+    1/(‖e‖ + ε), K = (cos + 1)/2 with the self-pairs, P = K / row sum, and the mean over the b×b
+    entries of P_t log((P_t + ε)/(P_s + ε))."""
+    b = es.shape[0]
+
+    def probs(e: torch.Tensor) -> list[list[torch.Tensor]]:
+        e = e.flatten(1)
+        z = [e[i] / (e[i].pow(2).sum().sqrt() + eps) for i in range(b)]
+        k = [[((z[i] * z[j]).sum() + 1) / 2 for j in range(b)] for i in range(b)]
+        return [[v / sum(row) for v in row] for row in k]
+
+    ps, pt = probs(es), probs(et)
+    terms = [
+        pt[i][j] * torch.log((pt[i][j] + eps) / (ps[i][j] + eps))
+        for i in range(b)
+        for j in range(b)
+    ]
+    return sum(terms) / b**2  # type: ignore[return-value]
+
+
+def test_pkt_by_hand_b2_is_not_zero() -> None:
+    # student rows e1, e2; teacher rows e1, e1. Rows are scaled by 1/(1 + ε), so the kernel is
+    # K = (r·cos + 1)/2 with r = 1/(1 + ε)²: student [[a, ½], [½, a]], teacher all a, a = (r + 1)/2
     e = 1e-7
-    by_hand = (
+    a = (1 / (1 + e) ** 2 + 1) / 2
+    es = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=D)
+    et = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=D)
+    row = 0.5 * math.log((0.5 + e) / (a / (a + 0.5) + e))
+    row += 0.5 * math.log((0.5 + e) / (0.5 / (a + 0.5) + e))
+    assert pkt_loss(es, et).item() == pytest.approx(2 * row / 4, rel=1e-9)
+    assert pkt_loss(es, et).item() > 0.01
+    # without self-pairs, each row's only other sample has probability 1 for both nets
+    es, et = _randn(2, 3, seed=16), _randn(2, 5, seed=17)
+    assert pkt_loss(es, et, "distinct").item() == pytest.approx(0, abs=1e-15)
+
+
+def test_pkt_by_hand_b3() -> None:
+    e = 1e-7
+    r = 1 / (1 + e) ** 2
+    # teacher rows e1, e1, e2; student rows e1, e2, −e1; K = (r·cos + 1)/2 with self-pairs
+    et = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=D)
+    es = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=D)
+    cos_t = [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    cos_s = [[1, 0, -1], [0, 1, 0], [-1, 0, 1]]
+
+    def probs(cos: list[list[int]]) -> list[list[float]]:
+        k = [[(r * c + 1) / 2 for c in row] for row in cos]
+        return [[v / sum(row) for v in row] for row in k]
+
+    pt, ps = probs(cos_t), probs(cos_s)
+    by_hand = sum(
+        pt[i][j] * math.log((pt[i][j] + e) / (ps[i][j] + e)) for i in range(3) for j in range(3)
+    )
+    assert pkt_loss(es, et).item() == pytest.approx(by_hand / 9, rel=1e-9)
+    # the distinct form on the same rows: P_t rows (⅔, ⅓), (⅔, ⅓), (½, ½) over the other two
+    # samples in index order, P_s rows (1, 0), (½, ½), (0, 1)
+    distinct = (
         2 / 3 * math.log((2 / 3 + e) / (1 + e))
         + 1 / 3 * math.log((1 / 3 + e) / e)
         + 2 / 3 * math.log((2 / 3 + e) / (1 / 2 + e))
@@ -312,22 +545,38 @@ def test_pkt_by_hand() -> None:
         + 1 / 2 * math.log((1 / 2 + e) / e)
         + 1 / 2 * math.log((1 / 2 + e) / (1 + e))
     ) / 9
-    assert pkt_loss(es, et).item() == pytest.approx(by_hand, rel=1e-9)
+    assert pkt_loss(es, et, "distinct").item() == pytest.approx(distinct, rel=1e-9)
 
 
-def test_pkt_degenerate_row_is_finite() -> None:
-    # both other samples antipodal to sample 2: its kernel row is all zero
+@pytest.mark.parametrize("b", [2, 3, 7])
+def test_pkt_matches_the_reference_value_and_gradient(b: int) -> None:
+    es, et = _randn(b, 4, 2, seed=18), _randn(b, 10, seed=19)
+    es.requires_grad_(True)
+    got, ref = pkt_loss(es, et), _reference_pkt(es, et)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-10)
+    (grad,) = torch.autograd.grad(got, es)
+    (ref_grad,) = torch.autograd.grad(ref, es)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["reference", "distinct"])
+def test_pkt_degenerate_row_is_finite(reduction: str) -> None:
+    # both other samples antipodal to sample 2: its kernel row is zero but for the self-pair
     et = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]], dtype=D)
-    assert torch.isfinite(pkt_loss(_randn(3, 2, seed=32), et))
+    assert torch.isfinite(pkt_loss(_randn(3, 2, seed=32), et, reduction))
 
 
-def test_pkt_matches_loops_zero_grad() -> None:
+def test_pkt_distinct_matches_loops_zero_grad() -> None:
     es, et = _randn(6, 4, 2, seed=18), _randn(6, 10, seed=19)
-    assert pkt_loss(es, et).item() == pytest.approx(_naive_pkt(es, et), rel=1e-10)
-    assert pkt_loss(et, et).item() == 0
-    _grad_reaches(pkt_loss, es, et)
+    got = pkt_loss(es, et, "distinct")
+    assert got.item() == pytest.approx(_naive_pkt_distinct(es, et), rel=1e-10)
+    for reduction in ("reference", "distinct"):
+        assert pkt_loss(et, et, reduction).item() == 0
+        _grad_reaches(lambda s, t, r=reduction: pkt_loss(s, t, r), es, et)
     with pytest.raises(ValueError, match="batch sizes"):
         pkt_loss(es, et[:5])
+    with pytest.raises(ValueError, match="reduction"):
+        pkt_loss(es, et, "mean")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- NST
@@ -443,60 +692,96 @@ def test_nce_contrast_loss_by_hand() -> None:
     assert got == pytest.approx(-(row0 + row1) / 2, rel=1e-12)
 
 
-def _naive_crd(memory: ContrastiveMemory, s, t, rows, neg, eps: float = 1e-7) -> float:
-    """One forward of CRD, from the paper, with loops; the memory is read before the update.
+def _reference_crd(memory: ContrastiveMemory, s, t, rows, neg, positive: str, eps: float = 1e-7):
+    """One forward of CRD with loops (differentiable in ``s`` and ``t``), read from RepDistiller's
+    formulas; the memory is read before the update, ``eps`` guards the NCE denominators.
 
-    ``eps`` is added to the NCE denominators as the implementation does.
+    ``memory``: a student anchor s_i meets the teacher-memory rows [rows_i, neg_i…] (the first
+    is its positive), a teacher anchor t_i the student-memory rows; ``current``: the positive of
+    both is exp(s_iᵀt_i/τ). Z = N × the mean of the first batch's b(K+1) scores, a constant, per
+    direction; each direction's NCE is
+    −Σ_i[log(h⁺/(h⁺ + K/N + ε)) + Σ_k log((K/N)/(h⁻ + K/N + ε))]/b.
     """
     n, k, tau = memory.n_samples, neg.shape[1], memory.tau
-    mem_s = [_vec(r) for r in memory.memory_s]
-    mem_t = [_vec(r) for r in memory.memory_t]
-    sv, tv = [_vec(r) for r in s], [_vec(r) for r in t]
-    pos = [math.exp(_dot(sv[i], tv[i]) / tau) for i in range(len(rows))]
-    neg_t = [[math.exp(_dot(mem_t[int(j)], sv[i]) / tau) for j in neg[i]] for i in range(len(rows))]
-    neg_s = [[math.exp(_dot(mem_s[int(j)], tv[i]) / tau) for j in neg[i]] for i in range(len(rows))]
-    total = 0.0
-    for negs in (neg_t, neg_s):
-        # Z from the first batch: N × mean over the b(K+1) scores
-        scores = pos + [v for row in negs for v in row]
-        z = n * sum(scores) / len(scores)
+    mem_s, mem_t = memory.memory_s.clone(), memory.memory_t.clone()
+    b = len(rows)
+
+    def score(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.exp((u * v).sum() / tau)
+
+    total = s.new_zeros(())
+    for anchors, others, bank in ((s, t, mem_t), (t, s, mem_s)):
+        scores = []
+        for i in range(b):
+            pos = score(anchors[i], bank[int(rows[i])] if positive == "memory" else others[i])
+            scores.append([pos] + [score(anchors[i], bank[int(j)]) for j in neg[i]])
+        z = n * sum(float(v.detach()) for row in scores for v in row) / (b * (k + 1))
         m = k / n
-        for i in range(len(rows)):
-            h = pos[i] / z
-            term = math.log(h / (h + m + eps))
-            term += sum(math.log(m / (v / z + m + eps)) for v in negs[i])
-            total -= term / len(rows)
+        for row in scores:
+            h = [v / z for v in row]
+            term = torch.log(h[0] / (h[0] + m + eps))
+            term = term + sum(torch.log(m / (v + m + eps)) for v in h[1:])
+            total = total - term / b
     return total
 
 
-def test_contrastive_memory_matches_loops_and_updates() -> None:
+@pytest.mark.parametrize("positive", ["memory", "current"])
+def test_contrastive_memory_matches_the_reference_and_updates(positive: str) -> None:
     torch.manual_seed(0)
-    memory = ContrastiveMemory(10, dim=4, k=3, tau=0.5, momentum=0.5).double()
-    s = torch.nn.functional.normalize(_randn(3, 4, seed=30), dim=1)
-    t = torch.nn.functional.normalize(_randn(3, 4, seed=31), dim=1)
+    memory = ContrastiveMemory(10, dim=4, k=3, tau=0.5, momentum=0.5, positive=positive).double()
+    s = torch.nn.functional.normalize(_randn(3, 4, seed=30), dim=1).requires_grad_(True)
+    t = torch.nn.functional.normalize(_randn(3, 4, seed=31), dim=1).requires_grad_(True)
     rows = torch.tensor([7, 0, 4])
     neg = torch.tensor([[0, 1, 1], [9, 8, 2], [5, 0, 3]])
     memory.sample_negatives = lambda rows: neg  # type: ignore[method-assign]
-    expected = _naive_crd(memory, s, t, rows, neg)
+    expected = _reference_crd(memory, s, t, rows, neg, positive)
     old_s, old_t = memory.memory_s.clone(), memory.memory_t.clone()
-    s_in = s.clone().requires_grad_(True)
-    loss = memory(s_in, t, rows)
-    assert loss.item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    loss.backward()
-    assert s_in.grad is not None and s_in.grad.abs().sum() > 0
+    loss = memory(s, t, rows)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9, abs=1e-12)
+    grads = torch.autograd.grad(loss, [s, t])
+    ref_grads = torch.autograd.grad(expected, [s, t])
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
     # rows written: normalise(½ old + ½ new); other rows untouched
     for i, r in enumerate(rows.tolist()):
-        mixed = [0.5 * a + 0.5 * b for a, b in zip(_vec(old_s[r]), _vec(s[i]), strict=True)]
+        mixed = [
+            0.5 * a + 0.5 * b for a, b in zip(_vec(old_s[r]), _vec(s[i].detach()), strict=True)
+        ]
         torch.testing.assert_close(memory.memory_s[r], torch.tensor(_unit(mixed), dtype=D))
-        mixed = [0.5 * a + 0.5 * b for a, b in zip(_vec(old_t[r]), _vec(t[i]), strict=True)]
+        mixed = [
+            0.5 * a + 0.5 * b for a, b in zip(_vec(old_t[r]), _vec(t[i].detach()), strict=True)
+        ]
         torch.testing.assert_close(memory.memory_t[r], torch.tensor(_unit(mixed), dtype=D))
     untouched = [r for r in range(10) if r not in rows.tolist()]
     torch.testing.assert_close(memory.memory_s[untouched], old_s[untouched])
     # Z is estimated once: a second call keeps it
     z_s, z_t = memory.z_s.item(), memory.z_t.item()
     assert z_s > 0 and z_t > 0
-    memory(s, t, rows)
+    memory(s.detach(), t.detach(), rows)
     assert (memory.z_s.item(), memory.z_t.item()) == (z_s, z_t)
+
+
+def test_the_memory_positive_is_the_other_networks_row() -> None:
+    # a by-hand case: K = 1, one anchor. With the positive from memory, the student's score
+    # depends on the teacher-memory row of its own sample, not on the teacher's embedding.
+    memory = ContrastiveMemory(4, dim=2, k=1, tau=1.0, momentum=0.5).double()
+    memory.memory_t.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+    memory.memory_s.copy_(memory.memory_t)
+    memory.sample_negatives = lambda rows: torch.tensor([[2]])  # type: ignore[method-assign]
+    s = torch.tensor([[1.0, 0.0]], dtype=D)
+    t = torch.tensor([[0.0, 1.0]], dtype=D)
+    # student anchor: positive exp(s·m_t[0]) = e, negative exp(s·m_t[2]) = 1/e;
+    # teacher anchor: positive exp(t·m_s[0]) = 1, negative exp(t·m_s[2]) = 1
+    z_s, z_t = 4 * (math.e + 1 / math.e) / 2, 4 * 1.0
+    m = 1 / 4
+
+    def nce(pos: float, neg: float, z: float) -> float:
+        hp, hn = pos / z, neg / z
+        return -(math.log(hp / (hp + m + 1e-7)) + math.log(m / (hn + m + 1e-7)))
+
+    expected = nce(math.e, 1 / math.e, z_s) + nce(1.0, 1.0, z_t)
+    assert memory(s, t, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_negatives_uniform_without_the_anchor_and_seeded() -> None:
@@ -515,13 +800,43 @@ def test_negatives_uniform_without_the_anchor_and_seeded() -> None:
     torch.testing.assert_close(make().memory_s, make().memory_s)
 
 
+def test_negatives_from_other_classes() -> None:
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    make = lambda k: ContrastiveMemory(  # noqa: E731
+        10, dim=2, k=k, labels=labels, generator=torch.Generator().manual_seed(4)
+    )
+    rows = torch.tensor([0, 4, 9, 5])
+    # K = 6 ≤ every class's number of negatives (6, 7, 7): drawn without replacement
+    neg = make(6).sample_negatives(rows)
+    assert neg.shape == (4, 6)
+    assert (labels[neg] != labels[rows][:, None]).all()
+    assert all(len(set(row)) == 6 for row in neg.tolist())
+    assert set(neg[0].tolist()) == set(range(4, 10))  # class 0's six negatives, each once
+    torch.testing.assert_close(make(6).sample_negatives(rows), neg)
+    # K = 7 > the six negatives of class 0: that row draws with replacement, the others do not
+    neg = make(7).sample_negatives(rows)
+    assert (labels[neg] != labels[rows][:, None]).all()
+    assert len(set(neg[0].tolist())) <= 6 and all(len(set(r)) == 7 for r in neg[1:].tolist())
+    # many draws: uniform over the other classes' samples
+    big = make(7000).sample_negatives(torch.tensor([0]))[0]
+    counts = torch.bincount(big, minlength=10).double()
+    assert (counts[:4] == 0).all() and (counts[4:] - 7000 / 6).abs().max() < 150
+
+
 def test_contrastive_memory_errors_and_state() -> None:
     memory = ContrastiveMemory(6, dim=3, k=2, generator=torch.Generator().manual_seed(0))
+    # the banks start uniform in ±√(3/dim), as the reference's
+    bound = math.sqrt(3 / 3)
+    assert memory.memory_s.abs().max() <= bound and memory.memory_s.abs().max() > bound / 2
     e = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
     with pytest.raises(ValueError, match=r"\[0, 6\)"):
         memory(e, e, torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="do not match"):
         memory(e, e, torch.tensor([0]))
+    with pytest.raises(ValueError, match="two classes"):
+        ContrastiveMemory(6, dim=3, k=2, labels=torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="positive"):
+        ContrastiveMemory(6, dim=3, k=2, positive="teacher")
     assert set(memory.state_dict()) == {"memory_s", "memory_t", "z_s", "z_t"}
     memory(e, e, torch.tensor([1, 2]))
     fresh = ContrastiveMemory(6, dim=3, k=2)
@@ -639,10 +954,47 @@ def test_pkt_term_uses_the_tapped_embeddings() -> None:
 
 
 def test_fitnet_regressor_shapes() -> None:
+    # stages.1: student 6×4×4, teacher 12×2×2, so the reference regressor is a strided 3×3 conv
     method, _, _ = _build(FitNet, ["stages.1", "penultimate"])
     conv, linear = method.regressors
-    assert isinstance(conv[0], nn.Conv2d) and (conv[0].in_channels, conv[0].out_channels) == (6, 12)
+    assert [type(m) for m in conv] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert (conv[0].in_channels, conv[0].out_channels) == (6, 12)
+    assert (conv[0].kernel_size, conv[0].stride) == ((3, 3), (2, 2))
     assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (8, 16)
+    method, _, _ = _build(FitNet, ["stages.1"], regressor="pool")
+    (conv,) = method.regressors
+    assert [type(m) for m in conv] == [nn.Conv2d, nn.BatchNorm2d]
+    assert conv[0].kernel_size == (1, 1)
+
+
+OPTIONS = [
+    (FitNet, ["stages.1"], {"regressor": "pool"}),
+    (RKD, ["penultimate"], {"reduction": "distinct"}),
+    (PKT, ["penultimate"], {"reduction": "distinct"}),
+    (CRD, ["penultimate"], {"positive": "current"}),
+    (CRD, ["penultimate"], {"negatives": "uniform"}),
+]
+
+
+@pytest.mark.parametrize(("cls", "layers", "options"), OPTIONS, ids=lambda v: str(v))
+def test_method_options_train(cls: type, layers, options: dict) -> None:
+    method, student, _ = _build(cls, layers, **options)
+    terms, _, _ = _step(method, student)
+    assert all(torch.isfinite(v) and v.item() > 0 for v in terms.values())
+    assert student.stem.weight.grad is not None and student.stem.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("reduction", ["reference", "distinct"])
+def test_rkd_terms_use_the_chosen_reduction(reduction: str) -> None:
+    method, student, teacher = _build(
+        RKD, ["penultimate"], reduction=reduction, cache_teacher=False
+    )
+    terms, x, _ = _step(method, student)
+    with torch.no_grad():
+        es, et = student.embedding(x), teacher.embedding(x)
+        dist, angle = rkd_distance_loss(es, et, reduction), rkd_angle_loss(es, et, reduction)
+    assert terms["rkd_dist"].item() == pytest.approx(25 * dist.item(), rel=1e-5)
+    assert terms["rkd_angle"].item() == pytest.approx(50 * angle.item(), rel=1e-5)
 
 
 def test_dkd_warmup_follows_the_step_context() -> None:
@@ -666,6 +1018,9 @@ def test_dkd_warmup_follows_the_step_context() -> None:
 def test_crd_memory_follows_the_batch_rows() -> None:
     method, student, _ = _build(CRD, ["penultimate"], nce_k=100)
     assert method.memory.k == 23  # capped at N − 1
+    # by default the reference's forms: positive from memory, negatives from other classes
+    assert method.memory.positive == "memory"
+    assert torch.equal(method.memory.labels, method.data.train.targets)
     assert method.memory.memory_s.shape == (24, 128)
     before = method.memory.memory_t.clone()
     _, _, rows = _step(method, student)
@@ -688,6 +1043,15 @@ def test_crd_memory_follows_the_batch_rows() -> None:
         (lambda: _build(CRD, ["penultimate"], nce_t=0.0), "method.nce_t"),
         (lambda: _build(DKD, None, warmup=-1), "method.warmup"),
         (lambda: _build(RKD, ["penultimate"], angle_weight=-1.0), "method.angle_weight"),
+        (lambda: _build(RKD, ["penultimate"], reduction="mean"), "method.reduction"),
+        (lambda: _build(PKT, ["penultimate"], reduction="mean"), "method.reduction"),
+        (lambda: _build(FitNet, ["stages.1"], regressor="linear"), "method.regressor"),
+        (
+            lambda: _build(FitNet, student_layers=["stages.2"], teacher_layers=["stem"]),
+            "method.regressor",
+        ),
+        (lambda: _build(CRD, ["penultimate"], positive="teacher"), "method.positive"),
+        (lambda: _build(CRD, ["penultimate"], negatives="same_class"), "method.negatives"),
     ],
 )
 def test_method_config_errors(make, key: str) -> None:
@@ -708,6 +1072,18 @@ def test_crd_needs_sample_indices() -> None:
             student_layers=["penultimate"],
             teacher_layers=["penultimate"],
         )
+    # negatives from other classes need a second class
+    data = _data()
+    data.train.targets = torch.zeros_like(data.train.targets)
+    with pytest.raises(ConfigError, match="one class") as error:
+        CRD(
+            data=data,
+            criterion=nn.CrossEntropyLoss(),
+            teacher=teacher,
+            student_layers=["penultimate"],
+            teacher_layers=["penultimate"],
+        )
+    assert error.value.key == "method.negatives"
 
 
 NAMES = ["fitnet", "at", "sp", "rkd", "pkt", "nst", "dkd", "crd"]

@@ -84,8 +84,9 @@ def test_every_launcher_preset_composes_from_the_package(packaged_cfg, preset: s
     ("preset", "expected"),
     [
         ("slurm_gpu", {"partition": "gpu", "gpus-per-node": "1", "cpus-per-task": "8",
-                       "mem": "32GB", "time": "240"}),
-        ("slurm_cpu", {"partition": "cpu", "cpus-per-task": "4", "mem": "8GB", "time": "120"}),
+                       "mem": "32GB", "time": "240", "signal": "USR2@120"}),
+        ("slurm_cpu", {"partition": "cpu", "cpus-per-task": "4", "mem": "8GB", "time": "120",
+                       "signal": "USR2@120"}),
     ],
 )  # fmt: skip
 def test_slurm_preset_becomes_the_expected_sbatch_options(

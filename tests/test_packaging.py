@@ -18,7 +18,9 @@ def test_every_package_is_listed_in_pyproject() -> None:
         tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     )
     found = {
-        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kdexp").rglob("__init__.py")
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("kdexp", "hydra_plugins")
+        for p in (ROOT / top).rglob("__init__.py")
     }
     assert found | {"kdexp.conf"} == listed
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from kdexp.comparison import Row, pareto_front
 from kdexp.labels import MOST, named
-from kdexp.report import Row, pareto_front
 from kdexp.stats import latency_ms
 
 

@@ -47,7 +47,7 @@ def _by_stage(runs: list) -> dict[str, list]:
 
 @pytest.mark.slow
 def test_pipeline_runs_reuses_and_reruns_only_a_changed_last_stage(tmp_path: Path) -> None:
-    first = run_cli(FAST, cwd=tmp_path)
+    first = run_cli([*FAST, "tracking.register_model=kdexp-pipeline"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     runs = _runs(tmp_path)
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -73,6 +73,21 @@ def test_pipeline_runs_reuses_and_reruns_only_a_changed_last_stage(tmp_path: Pat
     assert quantized["model/nonzero_params"] <= pruned["model/nonzero_params"]
     assert quantized["quant/bits"] == 8
     assert quantized["model/size_bytes"] < 0.5 * pruned["model/size_bytes"]
+    # Stored compressed, the 80% zeros count: pruned is under 40% of the dense student's bytes,
+    # and int8 codes of the same non-zeros take well under half the fp32 ones (issue 18).
+    student = stage["student"].data.metrics
+    assert pruned["model/size_bytes"] == pytest.approx(student["model/size_bytes"], abs=64)
+    assert pruned["model/compressed_bytes"] < 0.4 * student["model/compressed_bytes"]
+    assert quantized["model/compressed_bytes"] < 0.5 * pruned["model/compressed_bytes"]
+    assert pruned["model/compression_ratio"] == pytest.approx(
+        4 * pruned["model/dense_params"] / pruned["model/compressed_bytes"]
+    )
+    # tracking.register_model: the pipeline registers its last stage's model, and only that one
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (version,) = client.search_model_versions("name = 'kdexp-pipeline'")
+    assert version.run_id == stage["quantized"].info.run_id
+    registered = [r for r in runs if "kdexp.registered_model" in r.data.tags]
+    assert [r.info.run_id for r in registered] == [stage["quantized"].info.run_id]
     # The parent run: the last stage's metrics, per-stage metrics and the summary artifacts.
     assert parent.data.tags["method"] == "pipeline"
     assert parent.data.metrics["test/acc1"] == quantized["test/acc1"]
@@ -93,6 +108,8 @@ def test_pipeline_runs_reuses_and_reruns_only_a_changed_last_stage(tmp_path: Pat
     for row in rows:
         assert row["run"] == stage[row["stage"]].info.run_id and row["reused"] == "no"
         assert float(row["test/acc1"]) == stage[row["stage"]].data.metrics["test/acc1"]
+        metrics = stage[row["stage"]].data.metrics
+        assert float(row["compressed (bytes)"]) == metrics["model/compressed_bytes"]
     assert float(rows[2]["sparsity"]) > 0.75
 
     again = run_cli(FAST, cwd=tmp_path)

@@ -242,7 +242,18 @@ BAD = {
         ["method=prune/channel", "model=resnet8", "method.layers=[fc]"],
         "method.layers='fc': a layer whose output channels can be removed",
     ),
-    "bad_schedule": (["method=prune/magnitude", "method.schedule=cubic"], "agp, linear"),
+    "bad_schedule": (
+        ["method=prune/magnitude", "method.schedule=cubic"],
+        "method.schedule='cubic': one of agp, iterative, linear, oneshot",
+    ),
+    "bad_schedule_knob": (
+        ["method=prune/magnitude", "method.schedule.frequency=0"],
+        "method.schedule.frequency=0: a positive integer",
+    ),
+    "bad_importance": (
+        ["method=prune/channel", "method.importance=l3"],
+        "method.importance='l3': one of bn_scale, l1, l2, taylor",
+    ),
 }
 
 
@@ -322,6 +333,14 @@ def test_cli_run_logs_sparsity_stats_and_artifacts(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     (pruned,) = [r for r in runs if r.data.tags["method"] == "prune/magnitude"]
+    # The terminal: epochs count from 0 as in MLflow, losses are labelled, sparsity is printed,
+    # and the run's link comes before its first epoch.
+    out = done.stdout + done.stderr
+    last = client.get_metric_history(pruned.info.run_id, "sparsity/global")[-1].value
+    assert "epoch 1 (0-1)  train/epoch_loss " in out and " val/loss " in out
+    assert f"sparsity {last:.4f}" in out
+    started = out.index("started; logging to")
+    assert started < out.index("epoch 0 (0-1)") and "#/experiments/" in out[started:]
     (dense,) = [r for r in runs if r.data.tags["method"] == "baseline"]
     history = client.get_metric_history(pruned.info.run_id, "sparsity/global")
     assert [m.step for m in history] == [0, 5, 10, 15]
@@ -391,7 +410,8 @@ def test_pruning_preset_composes_and_runs_on_synthetic_data_of_its_shape(
     real = compose_cfg(f"experiment={name}")
     assert real.model._target_.endswith(model)
     assert real.method._target_.lower().endswith(method.replace("_", ""))
-    assert (real.method.sparsity, real.method.schedule) == (sparsity, schedule)
+    assert real.method.sparsity == sparsity
+    assert real.method.schedule._target_.lower().endswith(f".{schedule}")
     cfg = compose_cfg(
         f"experiment={name}",
         "dataset=synthetic",
@@ -478,3 +498,67 @@ def test_masks_and_schedule_position_survive_a_state_dict_round_trip(kind: str) 
     for name, value in trained.mask_state().items():
         other = restored.mask_state()[name]
         assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value
+
+
+# -- schedules and importances as components ------------------------------------------------------
+def test_schedule_object_flat_knobs_and_short_name_give_one_plan(compose_cfg, caplog) -> None:
+    from hydra.utils import instantiate
+
+    from kdexp import choices
+    from kdexp.method.prune.schedule import AGP
+
+    data = synthetic(batch_size=32, seed=0)  # 14 steps per epoch
+    # The object, a node picked through the defaults list, the short name with flat knobs.
+    by_object = Magnitude(
+        data=data, criterion=CE, sparsity=0.8, epochs=4, schedule=AGP(frequency=4, updates=5)
+    )
+    group = compose_cfg(
+        "method=prune/magnitude",
+        "method/prune/schedule@method.schedule=agp",
+        "method.schedule.frequency=4",
+        "method.schedule.updates=5",
+        "schedule.epochs=4",
+    )
+    choices._warned.clear()
+    with caplog.at_level("WARNING"):
+        legacy = compose_cfg(
+            "method=prune/magnitude",
+            "method.schedule=agp",
+            "method.frequency=4",
+            "method.updates=5",
+            "schedule.epochs=4",
+        )
+        flat = instantiate(legacy.method)(data=data, criterion=CE)
+        instantiate(legacy.method)(data=data, criterion=CE)  # a second build warns no more
+    nested = instantiate(group.method)(data=data, criterion=CE)
+    expected = [(i * 4, 0.8 * (1 - (1 - i / 5) ** 3)) for i in range(6)]
+    for method in (by_object, nested, flat):
+        assert [s for s, _ in method.plan] == [s for s, _ in expected]
+        assert [t for _, t in method.plan] == pytest.approx([t for _, t in expected], abs=1e-12)
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warnings == [
+        "method.frequency is deprecated: use method.schedule.frequency=4",
+        "method.updates is deprecated: use method.schedule.updates=5",
+    ]
+    # A flat knob the schedule has not: said once, not applied.
+    choices._warned.clear()
+    with caplog.at_level("WARNING"):
+        Magnitude(data=data, criterion=CE, sparsity=0.8, epochs=4, schedule="oneshot", rounds=2)
+    assert "method.rounds=2 has no effect with the oneshot schedule" in caplog.text
+
+
+def test_channel_importance_by_name_or_node_and_bn_scale_refuses_groups_without_bn() -> None:
+    from kdexp.method.prune.importance import L2, BNScale
+
+    data = synthetic(batch_size=16, seed=0)
+    by_name = Channel(data=data, criterion=CE, sparsity=0.5, epochs=1, importance="l2")
+    by_object = Channel(data=data, criterion=CE, sparsity=0.5, epochs=1, importance=L2())
+    assert type(by_name.importance) is type(by_object.importance) is L2
+    model = _convnet()
+    by_name.prepare(model)
+    by_object.prepare(copy.deepcopy(model))
+    assert by_name.after_step(Step(0, 0)) == by_object.after_step(Step(0, 0))
+    # bn_scale scores only groups with a BatchNorm: none in an MLP, so nothing to prune.
+    bn = Channel(data=data, criterion=CE, sparsity=0.5, epochs=1, importance=BNScale())
+    with pytest.raises(ConfigError, match="at least one prunable channel group"):
+        bn.prepare(_mlp())

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdexp.report import main, pareto_front
+from kdexp.comparison import pareto_front
+from kdexp.report import main
 from kdexp.tracking.mlflow import MlflowTracker
 
 RUNS = [  # (method, hidden, seed, test/acc1, size)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from kdexp.dataset.augment import Augment, build_augment
+from kdexp.dataset.augment import crop_flip as crop_flip  # moved there; still importable here
+from kdexp.dataset.augment import random_flip as random_flip
 from kdexp.errors import ConfigError
 
 Batch = tuple[Tensor, Tensor]
@@ -49,7 +52,7 @@ class TensorLoader:
         targets: Tensor,
         batch_size: int,
         shuffle: bool = False,
-        augment: str | None = None,
+        augment: Any = None,  # None, a name in conf/dataset/augment/ or an Augment
         seed: int = 0,
         drop_last: bool = False,
     ) -> None:
@@ -57,6 +60,15 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.drop_last = drop_last
         self._generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def augment(self) -> Augment | None:
+        """The batch augmentation of this split (a name given is looked up when set)."""
+        return self._augment
+
+    @augment.setter
+    def augment(self, value: Any) -> None:
+        self._augment = build_augment(value)
 
     def __len__(self) -> int:
         n = len(self.targets)
@@ -86,10 +98,8 @@ class TensorLoader:
             else:
                 rows = order[start : start + self.batch_size]
                 x, y = self.inputs[rows], self.targets[rows]
-            if self.augment == "crop_flip":
-                x = crop_flip(x, padding=4, generator=self._generator)
-            elif self.augment == "flip":
-                x = random_flip(x, generator=self._generator)
+            if self.augment is not None:
+                x = self.augment(x, self._generator)
             yield x, y, rows
 
 
@@ -101,28 +111,6 @@ def indexed(loader: Iterable[Batch]) -> Iterator[tuple[Tensor, Tensor, Tensor | 
         return
     for x, y in loader:
         yield x, y, None
-
-
-def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Mirror each image of a batch left-right with probability 1/2."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
-    if flip.any():
-        x = x.clone()
-        x[flip] = x[flip].flip(-1)
-    return x
-
-
-def crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """The standard CIFAR augmentation on a whole batch: zero-pad, random crop, random flip."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-    batch = torch.arange(n)[:, None, None, None]
-    chan = torch.arange(x.shape[1])[None, :, None, None]
-    return random_flip(padded[batch, chan, rows, cols], generator)
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> Tensor:
@@ -240,7 +228,7 @@ def tensor_data(
     mean: Sequence[float],
     std: Sequence[float],
     scale: float = 255.0,
-    augment: str | None = None,
+    augment: Any = None,
     eval_batch_size: int | None = None,
     classes: Sequence[int] | None = None,
     train_limit: int | None = None,

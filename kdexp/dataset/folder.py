@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from torchvision import datasets
 from torchvision import transforms as T
 
+from kdexp.dataset.augment import build_augment
 from kdexp.dataset.base import Data
-from kdexp.dataset.torchvision import AUGMENTS, loader_data, resolve_root, with_transform
+from kdexp.dataset.torchvision import loader_data, resolve_root, with_transform
 from kdexp.errors import ConfigError
 
 
@@ -31,7 +33,7 @@ def load(
     train_dir: str = "train",
     test_dir: str = "val",
     num_workers: int = 0,
-    augment: str | None = "crop_flip",
+    augment: Any = "crop_flip",
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
     classes: list[int] | None = None,
@@ -49,8 +51,7 @@ def load(
     :func:`~kdexp.dataset.base.tensor_data`).
     """
     path = resolve_root(root)
-    if augment not in AUGMENTS:
-        raise ConfigError("dataset.augment", augment, "crop_flip, flip or null")
+    augmentation = build_augment(augment)
     if channels not in (1, 3):
         raise ConfigError("dataset.channels", channels, "1 (grayscale) or 3 (RGB)")
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -81,22 +82,10 @@ def load(
     gray = [T.Grayscale(1)] if channels == 1 else []
     tail = [T.ToTensor(), T.Normalize(mean, std)]
     eval_tf = T.Compose([*gray, T.Resize(int(image_size * 1.14)), T.CenterCrop(image_size), *tail])
-    if augment == "crop_flip":
-        train_tf = T.Compose(
-            [*gray, T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *tail]
-        )
-    elif augment == "flip":
-        train_tf = T.Compose(
-            [
-                *gray,
-                T.Resize(int(image_size * 1.14)),
-                T.CenterCrop(image_size),
-                T.RandomHorizontalFlip(),
-                *tail,
-            ]
-        )
-    else:
-        train_tf = eval_tf
+    train_tf = eval_tf
+    if augmentation is not None:
+        steps = augmentation.folder_transforms(image_size, int(image_size * 1.14))
+        train_tf = T.Compose([*gray, *steps, *tail])
 
     train_set = _image_folder(train_path, "dataset.root", path)
     test_set = _image_folder(test_path, "dataset.test_dir", test_dir)

@@ -12,16 +12,17 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
-from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.datasets.vision import StandardTransform, VisionDataset
 
+from kdexp import choices
+from kdexp.dataset.augment import build_augment
 from kdexp.dataset.base import (
     Batch,
     Data,
@@ -32,34 +33,6 @@ from kdexp.dataset.base import (
     tensor_data,
 )
 from kdexp.errors import ConfigError
-
-AUGMENTS = (None, "crop_flip", "flip")
-
-
-@dataclass(frozen=True)
-class _Spec:
-    cls: type[VisionDataset]
-    channels: int
-    image_size: int
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-# Mean and std of the training images, pixel values scaled to [0, 1].
-_SPECS = {
-    # LeCun et al. 1998, http://yann.lecun.com/exdb/mnist/
-    "mnist": _Spec(datasets.MNIST, 1, 28, 10, (0.1307,), (0.3081,)),
-    # Xiao et al. 2017, https://github.com/zalandoresearch/fashion-mnist
-    "fashion_mnist": _Spec(datasets.FashionMNIST, 1, 28, 10, (0.2860,), (0.3530,)),
-    # Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html
-    "cifar10": _Spec(
-        datasets.CIFAR10, 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    ),
-    "cifar100": _Spec(
-        datasets.CIFAR100, 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-    ),
-}
 
 
 def load(
@@ -79,27 +52,36 @@ def load(
     num_workers: int = 0,
     classes: list[int] | None = None,
     train_limit: int | None = None,
+    source: Callable[..., VisionDataset] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Data:
-    """One of the torchvision classification datasets, with a seeded validation split.
+    """A torchvision classification dataset, with a seeded validation split.
 
-    ``name`` is ``mnist`` (LeCun et al. 1998), ``fashion_mnist`` (Xiao et al. 2017), ``cifar10`` or
-    ``cifar100`` (Krizhevsky 2009). ``root`` is expanded (``~``) and resolved against the current
+    ``source`` builds it: ``source(root, train=..., download=...)`` gives an object with ``data``
+    (uint8 images, NHW or NHWC), ``targets`` and ``classes``, as ``torchvision.datasets.MNIST``,
+    ``FashionMNIST``, ``CIFAR10`` and ``CIFAR100`` do; ``mean`` and ``std`` are the training
+    images' per-channel statistics (pixels scaled to [0, 1]). Each dataset's yaml in
+    ``conf/dataset/`` sets the three (``mnist``: LeCun et al. 1998, ``fashion_mnist``: Xiao et al.
+    2017, ``cifar10``, ``cifar100``: Krizhevsky 2009), so a new torchvision dataset is one yaml;
+    ``name`` labels it in messages, and when ``source`` is not given the three are taken from
+    ``conf/dataset/<name>.yaml``. ``root`` is expanded (``~``) and resolved against the current
     directory; torchvision looks for its own subfolder there (``MNIST/raw``,
     ``cifar-10-batches-py``, ...). ``val_size`` images of the official training set are held out
-    as validation set; the official test set is the test split. ``augment`` (``crop_flip``:
-    4-pixel pad, random crop and flip; ``flip``; or none) applies to the training split only.
+    as validation set; the official test set is the test split. ``augment`` (a name in
+    ``conf/dataset/augment/``, such as ``crop_flip`` or ``flip``, an
+    :class:`~kdexp.dataset.augment.Augment`, or none) applies to the training split only.
     ``in_memory=false`` serves samples through torchvision transforms and a ``DataLoader`` with
     ``num_workers`` workers instead of the in-memory tensors; both give the same data.
     ``classes`` and ``train_limit`` select classes and cap training images per class (see
     :func:`~kdexp.dataset.base.tensor_data`).
     """
-    if name not in _SPECS:
-        raise ConfigError("dataset.name", name, f"one of {', '.join(_SPECS)}")
-    _check_augment(augment)
-    spec = _SPECS[name]
+    if source is None or mean is None or std is None:
+        source, mean, std = _from_yaml(name, source, mean, std)
+    augmentation = build_augment(augment)
     path = resolve_root(root)
-    train_set = _open(spec, name, path, train=True, download=download)
-    test_set = _open(spec, name, path, train=False, download=False)
+    train_set = _open(source, name, path, train=True, download=download)
+    test_set = _open(source, name, path, train=False, download=False)
     _check_found(
         name,
         train_set,
@@ -107,6 +89,10 @@ def load(
         channels=channels,
         image_size=image_size,
     )
+    for key, values in (("dataset.mean", mean), ("dataset.std", std)):
+        if len(values) != channels:
+            raise ConfigError(key, list(values), f"{channels} value(s), one per channel")
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
     if in_memory:
         return tensor_data(
@@ -119,23 +105,18 @@ def load(
             seed=seed,
             val_size=val_size,
             split_seed=split_seed,
-            mean=spec.mean,
-            std=spec.std,
-            augment=augment,
+            mean=mean,
+            std=std,
+            augment=augmentation,
             classes=classes,
             train_limit=train_limit,
         )
 
-    normalize = T.Normalize(spec.mean, spec.std)
+    normalize = T.Normalize(mean, std)
     eval_tf = T.Compose([T.ToTensor(), normalize])
-    if augment == "crop_flip":
-        train_tf = T.Compose(
-            [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
-        )
-    elif augment == "flip":
-        train_tf = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    else:
-        train_tf = eval_tf
+    train_tf = eval_tf
+    if augmentation is not None:
+        train_tf = T.Compose([*augmentation.transforms(image_size), T.ToTensor(), normalize])
     return loader_data(
         with_transform(train_set, train_tf),
         with_transform(train_set, eval_tf),
@@ -262,14 +243,26 @@ def _collate(samples: list[tuple[Tensor, int]]) -> Batch:
     return x, y
 
 
-def _check_augment(augment: str | None) -> None:
-    if augment not in AUGMENTS:
-        raise ConfigError("dataset.augment", augment, "crop_flip, flip or null")
+def _from_yaml(
+    name: str,
+    source: Callable[..., VisionDataset] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> tuple[Callable[..., VisionDataset], Sequence[float], Sequence[float]]:
+    """What ``conf/dataset/<name>.yaml`` says of a torchvision source, where not given."""
+    known = [n for n in choices.options("dataset") if "source" in choices.node("dataset", n, "")]
+    if name not in known:
+        raise ConfigError("dataset.name", name, f"one of {', '.join(known)}, or a dataset.source")
+    config = choices.node("dataset", name, "dataset.name")
+    built = source if source is not None else instantiate(config.source)
+    return built, mean if mean is not None else config.mean, std if std is not None else config.std
 
 
-def _open(spec: _Spec, name: str, path: str, *, train: bool, download: bool) -> VisionDataset:
+def _open(
+    source: Callable[..., VisionDataset], name: str, path: str, *, train: bool, download: bool
+) -> VisionDataset:
     try:
-        return spec.cls(path, train=train, download=download)
+        return source(path, train=train, download=download)
     except (RuntimeError, OSError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         if download:

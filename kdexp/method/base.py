@@ -54,6 +54,10 @@ from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
 from kdexp.surgery import shrink_to_fit
 
+#: What the run passes a method at call time (``key`` names where its config sits): never a key
+#: of its yaml.
+RUNTIME_ARGS = ("data", "criterion", "teacher", "key")
+
 
 @dataclass(frozen=True)
 class Needs:

@@ -43,6 +43,12 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Record metric values at ``step`` (buffered; see :meth:`flush`)."""
 
+    def log_summary(self, metrics: Mapping[str, float], last_step: int) -> None:
+        """Record end-of-run values: at step 0, where MLflow's UI draws a metric with no later
+        step as a bar chart (one bar per run); a key already logged during training keeps
+        going, at ``last_step``, so that its latest value is this one."""
+        self.log_metrics(metrics, last_step)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Add tags to the open run."""
 
@@ -62,6 +68,13 @@ class Tracker:
     def find_resumable(self, tags: Mapping[str, str]) -> str | None:
         """The id of the newest KILLED or FAILED run carrying all ``tags``, if any."""
         return None
+
+    def config_hashes_named(self, name: str) -> list[str]:
+        """The ``kdexp.config_hash`` tag of each of this experiment's runs named ``name``."""
+        return []
+
+    def log_dataset(self, data: object, name: str, dataset_cfg: Mapping[str, object]) -> None:
+        """Record the run's dataset as an input: name, source, digest and split sizes."""
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of run ``run_id`` (a reused run's results)."""

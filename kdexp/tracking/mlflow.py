@@ -20,7 +20,20 @@ from typing import TYPE_CHECKING
 from kdexp.errors import ConfigError
 from kdexp.timings import phase
 from kdexp.tracking.base import Tracker
+from kdexp.tracking.extras import (
+    dataset_input,
+    runs_page,
+    start_system_metrics,
+)
+from kdexp.tracking.liveness import HEARTBEAT_TAG, Heartbeat, is_dead, logged_steps
 from kdexp.tracking.spool import Record, Spool
+from kdexp.tracking.store import (
+    check_reachable,
+    default_uri,
+    limit_http_retries,
+    mlflow_client,
+    prepare_store,
+)
 
 if TYPE_CHECKING:  # mlflow is imported lazily at run time
     import numpy as np
@@ -29,15 +42,6 @@ if TYPE_CHECKING:  # mlflow is imported lazily at run time
 
 log = logging.getLogger(__name__)
 
-#: Seconds to wait for a tracking server: the probe at start, then every request. With few
-#: retries a request to a server that went away fails fast; the spool keeps what it carried.
-_PROBE_TIMEOUT_S = 5
-_HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
 _RETRY_FIRST_S, _RETRY_MAX_S = 5.0, 60.0  # backoff between sends while the store is away
 
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
@@ -45,71 +49,6 @@ _MAX_PARAM_CHARS = 6000  # MLflow 3's limit on a param value
 #: What torch.export and pickle raise for a model they cannot store (packed int8 weights, lambdas,
 #: data-dependent control flow).
 _UNSTORABLE = (pickle.PicklingError, AttributeError, TypeError, RuntimeError, NotImplementedError)
-
-
-def default_uri() -> str:
-    """SQLite at outputs/mlflow.db under the launch directory, as an absolute URI."""
-    return f"sqlite:///{Path(os.getcwd()).resolve() / 'outputs' / 'mlflow.db'}"
-
-
-def _artifact_location(uri: str, artifact_root: str | None) -> str | None:
-    if artifact_root:
-        return Path(artifact_root).expanduser().resolve().as_uri()
-    if uri.startswith("sqlite:///"):
-        # Beside the database, not in a stray ./mlruns.
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return None  # a tracking server chooses its own artifact store
-
-
-def prepare_store(uri: str | None, experiment: str, artifact_root: str | None = None) -> str:
-    """Create the store and the experiment if missing; return the experiment id.
-
-    Called once in the parent process before the jobs of a multirun start (see
-    :mod:`kdexp.tracking.callback`): parallel jobs on a new SQLite file otherwise race on schema
-    creation and on creating the experiment.
-    """
-    from mlflow.exceptions import MlflowException
-
-    uri = uri or default_uri()
-    known = _EXPERIMENTS.get((uri, experiment))
-    if known is not None:
-        return known
-    limit_http_retries(uri)
-    check_reachable(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = mlflow_client(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        try:
-            experiment_id = client.create_experiment(
-                experiment, artifact_location=_artifact_location(uri, artifact_root)
-            )
-        except MlflowException:  # another process created it first
-            found = client.get_experiment_by_name(experiment)
-            if found is None:
-                raise
-            experiment_id = found.experiment_id
-    else:
-        experiment_id = found.experiment_id
-    _EXPERIMENTS[(uri, experiment)] = experiment_id
-    return experiment_id
-
-
-# --- perf (issue 15): one client per store URI and one experiment lookup per process. MLflow
-# caches the store object behind a client; these spare the repeated lookups around it.
-_CLIENTS: dict[str, MlflowClient] = {}
-_EXPERIMENTS: dict[tuple[str, str], str] = {}
-
-
-def mlflow_client(uri: str) -> MlflowClient:
-    """The process's client for the store at ``uri`` (created on first use)."""
-    client = _CLIENTS.get(uri)
-    if client is None:
-        from mlflow.tracking import MlflowClient
-
-        client = _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
-    return client
 
 
 def _known_requirements(packages: tuple[str, ...]) -> None:
@@ -126,70 +65,6 @@ def _known_requirements(packages: tuple[str, ...]) -> None:
         return
     if getattr(requirements_utils, "_MODULES_TO_PACKAGES", 0) is None:
         requirements_utils._MODULES_TO_PACKAGES = {n: [n] for n in packages}  # type: ignore[assignment]
-
-
-def open_sweep_run(
-    uri: str | None,
-    experiment: str,
-    artifact_root: str | None,
-    name: str,
-    tags: Mapping[str, str],
-) -> str:
-    """Create a sweep's parent run (RUNNING) and return its id; its jobs nest under it."""
-    uri = uri or default_uri()
-    experiment_id = prepare_store(uri, experiment, artifact_root)
-    run = mlflow_client(uri).create_run(experiment_id, run_name=name, tags=dict(tags))
-    return run.info.run_id
-
-
-def close_sweep_run(
-    uri: str | None,
-    run_id: str,
-    metrics: Mapping[str, float],
-    paths: list[Path],
-    failed: bool,
-) -> None:
-    """Log the sweep's job table and counts to its parent run and close it."""
-    from mlflow.entities import Metric
-
-    client = mlflow_client(uri or default_uri())
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-    for path in paths:
-        client.log_artifact(run_id, str(path), "sweep")
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
-
-
-def limit_http_retries(uri: str) -> None:
-    """For an http(s) store, make MLflow give up on a request within seconds, not minutes.
-
-    MLflow's defaults (7 retries, exponential backoff, 120 s timeout) hang a job for many minutes
-    when its server is away. Variables already set in the environment win.
-    """
-    if uri.startswith(("http://", "https://")):
-        for name, value in _HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-
-
-def check_reachable(uri: str) -> None:
-    """Fail within seconds, with a :class:`ConfigError`, when nothing answers at an http(s) URI.
-
-    Any HTTP answer counts as reachable; only a refused, reset or timed-out connection fails.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    import requests
-
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=_PROBE_TIMEOUT_S)
-    except requests.RequestException as error:
-        reason = type(error).__name__
-        raise ConfigError(
-            "tracking.uri",
-            uri,
-            f"a tracking server that answers; nothing did ({reason}). Start it (mlflow server "
-            "--host ... --port ...), point tracking.uri at another store, or use tracking=none",
-        ) from None
 
 
 def _reason(error: BaseException) -> str:
@@ -215,9 +90,24 @@ class MlflowTracker(Tracker):
         artifact_root: str | None = None,
         flush_every_s: float = 10.0,
         log_model: bool = True,
+        system_metrics: bool = True,
+        system_metrics_every_s: float = 10.0,
+        register_model: str | None = None,
     ) -> None:
         self.uri = uri or default_uri()
         self.model_logging = log_model
+        self.system_metrics = system_metrics
+        self.system_metrics_every_s = system_metrics_every_s
+        if register_model is not None and not log_model:
+            raise ConfigError(
+                "tracking.register_model",
+                register_model,
+                "null while tracking.log_model=false: only a logged model can be registered",
+            )
+        self.register_model = register_model
+        self._monitor: object | None = None
+        self._trained_for = False
+        self._stepped: set[str] = set()  # metric keys logged at a step > 0
         limit_http_retries(self.uri)
         self.experiment = experiment
         self.artifact_root = artifact_root
@@ -229,6 +119,7 @@ class MlflowTracker(Tracker):
         self._spool = Spool(None)
         self._retry_at, self._retry_s = 0.0, _RETRY_FIRST_S  # while the store is unreachable
         self._down_since: float | None = None
+        self._logged: dict[str, int] = {}  # a resumed run's last logged step, per metric
 
     def _open_run(self) -> tuple[MlflowClient, str]:
         """The client and the id of the open run; a RuntimeError outside :meth:`run`."""
@@ -237,8 +128,17 @@ class MlflowTracker(Tracker):
         return self._client, self.run_id
 
     def describe(self) -> str:
-        """The store URI, the experiment and the run id."""
-        return f"{self.uri} (experiment {self.experiment!r}, run {self.run_id})"
+        """The store URI, the experiment and the run id, and the UI's runs page for them."""
+        where = f"{self.uri} (experiment {self.experiment!r}, run {self.run_id})"
+        try:
+            from mlflow.tracking import MlflowClient
+
+            found = MlflowClient(tracking_uri=self.uri).get_experiment_by_name(self.experiment)
+        except Exception:  # the store is away: the line still says where the records wait
+            return where
+        if found is None:
+            return where
+        return f"{where}\nkdexp: compare runs at {runs_page(self.uri, found.experiment_id)}"
 
     @contextmanager
     def run(
@@ -274,6 +174,10 @@ class MlflowTracker(Tracker):
             run_id = resume_id
             client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
+        self._trained_for = bool(tags.get("kdexp.trained_for"))
+        # A resumed run logs no step twice; a heartbeat tells a live run from a dead one
+        self._logged = logged_steps(client, run_id) if resume_id is not None else {}
+        beat = Heartbeat(self.uri, run_id).start()
         self._spool = Spool(spool)
         self._spool.start(self.uri, self.experiment, run_id)
         status = "FAILED"
@@ -284,12 +188,15 @@ class MlflowTracker(Tracker):
                     client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
             else:
                 self.set_tags(tags)
+            self._start_system_metrics(run_id, resumed=resume_id is not None)
             yield self
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
+            beat.stop()
+            self._stop_system_metrics()
             end = {"op": "status", "status": status, "end_time": int(time.time() * 1000)}
             self._spool.add(self._take_buffer() + [end])
             with phase("close"):
@@ -304,6 +211,35 @@ class MlflowTracker(Tracker):
                     spool.parent if spool else "(no spool file)",
                 )
 
+    def _start_system_metrics(self, run_id: str, resumed: bool) -> None:
+        """MLflow's system metrics monitor for the run, unless ``system_metrics`` is off."""
+        if self.system_metrics:
+            self._monitor = start_system_metrics(
+                self.uri, run_id, self.system_metrics_every_s, resumed
+            )
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.finish()  # type: ignore[attr-defined]
+
+    def log_dataset(self, data: object, name: str, dataset_cfg: Mapping[str, object]) -> None:
+        """Log the run's dataset as an MLflow dataset input (:func:`dataset_input`)."""
+        client, run_id = self._open_run()
+        try:
+            client.log_inputs(run_id, datasets=[dataset_input(data, name, dataset_cfg)])
+        except Exception as error:  # the store is away: the dataset is not worth failing for
+            log.warning("tracking: the dataset input was not logged (%s)", _reason(error))
+
+    def log_summary(self, metrics: Mapping[str, float], last_step: int) -> None:
+        """Record end-of-run values: at step 0, where MLflow's UI draws a metric with no later
+        step as a bar chart (one bar per run) instead of a one-point line chart; a key already
+        logged at a later step during training goes at ``last_step``, so that it stays the
+        metric's latest value."""
+        summary = {k: v for k, v in metrics.items() if k not in self._stepped}
+        self.log_metrics(summary, 0)
+        self.log_metrics({k: v for k, v in metrics.items() if k in self._stepped}, last_step)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer metric values at ``step``.
 
@@ -311,7 +247,14 @@ class MlflowTracker(Tracker):
         closes: one database transaction per epoch would cost a tiny model a third of its speed.
         """
         now = int(time.time() * 1000)
-        self._buffer.extend({"m": [k, float(v), now, step]} for k, v in metrics.items())
+        if step > 0:
+            self._stepped.update(metrics)
+        logged = self._logged
+        self._buffer.extend(
+            {"m": [k, float(v), now, step]}
+            for k, v in metrics.items()
+            if not logged or step > logged.get(k, -1)  # a resumed run: not logged before
+        )
         if (
             len(self._buffer) >= _MAX_METRICS
             or time.monotonic() - self._last_flush >= self.flush_every_s
@@ -426,6 +369,7 @@ class MlflowTracker(Tracker):
                     client.delete_logged_model(logged.model_id)
                     continue
                 client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+                self._register(logged.model_id)
                 if failures:
                     log.info("tracking: model logged with pickle (%s)", failures[0])
                 return
@@ -439,6 +383,18 @@ class MlflowTracker(Tracker):
             log.warning("tracking: the model could not be logged to %s (%s)", self.uri, error)
         finally:
             mlflow.set_tracking_uri(previous)
+
+    def _register(self, model_id: str) -> None:
+        """A new version of the registered model ``register_model`` (created if missing) from
+        the logged model; the run's ``kdexp.registered_model`` tag says which version."""
+        if not self.register_model or self._trained_for:
+            return  # a teacher or starting model trained on the way is not the result
+        import mlflow
+
+        client, run_id = self._open_run()
+        version = mlflow.register_model(f"models:/{model_id}", self.register_model)
+        client.set_tag(run_id, "kdexp.registered_model", f"{version.name}/{version.version}")
+        log.info("tracking: registered as model %s version %s", version.name, version.version)
 
     @property
     def unsent(self) -> int:
@@ -458,15 +414,33 @@ class MlflowTracker(Tracker):
         return found[0].info.run_id if found else None
 
     def find_resumable(self, tags: Mapping[str, str]) -> str | None:
-        """The newest KILLED or FAILED run of this experiment that carries all ``tags``."""
+        """The newest KILLED or FAILED run of this experiment that carries all ``tags``, or a
+        RUNNING one whose process is dead (:mod:`kdexp.tracking.liveness`)."""
         client = mlflow_client(self.uri)
         experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         found = client.search_runs(
             [experiment_id], query, max_results=100, order_by=["attributes.start_time DESC"]
         )
-        stopped = [r for r in found if r.info.status in ("KILLED", "FAILED")]
+        stopped = [
+            r
+            for r in found
+            if r.info.status in ("KILLED", "FAILED")
+            or (r.info.status == "RUNNING" and is_dead(r.data.tags.get(HEARTBEAT_TAG)))
+        ]
         return stopped[0].info.run_id if stopped else None
+
+    def config_hashes_named(self, name: str) -> list[str]:
+        """The ``kdexp.config_hash`` tag of each of this experiment's runs named ``name``."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        experiment_id = prepare_store(self.uri, self.experiment, self.artifact_root)
+        quoted = name.replace("'", "\\'")
+        found = client.search_runs(
+            [experiment_id], f"attributes.run_name = '{quoted}'", max_results=1000
+        )
+        return [r.data.tags.get("kdexp.config_hash", "") for r in found]
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of run ``run_id``."""

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdexp.tracking.mlflow import check_reachable, limit_http_retries
 from kdexp.tracking.spool import FILE_NAME, Spool
+from kdexp.tracking.store import check_reachable, limit_http_retries
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,26 +40,40 @@ class Embed(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), dim=1)
 
 
+POSITIVES = ("memory", "current")
+NEGATIVES = ("other_class", "uniform")
+
+
 class ContrastiveMemory(nn.Module):
     """Memory banks of student and teacher embeddings and the two-way NCE loss of CRD.
 
-    Tian et al., "Contrastive Representation Distillation", ICLR 2020. For a student anchor
-    ``s_i`` the positive is the teacher embedding ``t_i`` of the same sample and the ``K``
-    negatives are teacher-memory rows drawn uniformly among the other ``N − 1`` samples;
-    the critic is ``h = exp(sᵀt/τ)/Z``, with ``Z = N · mean exp(·/τ)`` fixed from the first batch.
-    The loss is :func:`nce_contrast_loss` for the student anchors plus the same with the roles
-    swapped (teacher anchors against the student memory, its own ``Z``). After each call the
-    rows of both banks are moved to ``normalise(momentum · old + (1 − momentum) · new)``.
-    The positive uses the current embeddings of both networks (the memory supplies negatives
-    only). Buffers ``z_s``/``z_t`` hold ``Z`` for student/teacher anchors (−1 until estimated).
+    Tian et al., "Contrastive Representation Distillation", ICLR 2020, as computed by their code
+    (RepDistiller ``crd/``). A student anchor ``s_i`` is scored against ``K + 1`` rows of the
+    teacher memory: its positive and ``K`` negatives; a teacher anchor ``t_i`` likewise against the
+    student memory. The critic is ``h = exp(vᵀm/τ)/Z`` with ``Z = N · mean exp(·/τ)`` over the
+    first batch's ``b(K+1)`` scores, fixed from then on, one ``Z`` per direction (buffers
+    ``z_s``/``z_t``, −1 until estimated). The loss is :func:`nce_contrast_loss` summed over the
+    two directions. After each call the rows of both banks are moved to
+    ``normalise(momentum · old + (1 − momentum) · new)``.
 
-    ``generator`` (a CPU generator) makes the initial memory and the negatives reproducible.
+    ``positive``: ``memory`` (the default, the reference's) reads the positive from the other
+    network's memory row of the same sample, detached and before this step's update; ``current``
+    scores it from the two networks' current embeddings, ``exp(s_iᵀt_i/τ)``, in both directions.
+    ``labels`` (the class of every sample): when given, each anchor's negatives are drawn among
+    the samples of other classes, without replacement unless ``K`` exceeds their number (the
+    reference's default ``mode='exact'``); when ``None``, uniformly among the other ``N − 1``.
+    The banks start uniform in ``±√(3/dim)``, as the reference's do. ``generator`` (a CPU
+    generator) makes the initial memory and the negatives reproducible.
     """
 
     memory_s: Tensor
     memory_t: Tensor
     z_s: Tensor
     z_t: Tensor
+    labels: Tensor | None
+    class_order: Tensor | None
+    class_start: Tensor | None
+    class_count: Tensor | None
 
     def __init__(
         self,
@@ -69,29 +83,74 @@ class ContrastiveMemory(nn.Module):
         tau: float = 0.07,
         momentum: float = 0.5,
         generator: torch.Generator | None = None,
+        *,
+        positive: str = "memory",
+        labels: Tensor | None = None,
     ) -> None:
         super().__init__()
         if n_samples < 2:
             raise ValueError(f"ContrastiveMemory needs at least 2 samples, got {n_samples}")
+        if positive not in POSITIVES:
+            raise ValueError(f"positive must be one of {POSITIVES}, got {positive!r}")
+        if labels is not None:
+            if labels.shape != (n_samples,):
+                raise ValueError(
+                    f"labels must have shape ({n_samples},), got {tuple(labels.shape)}"
+                )
+            if len(labels.unique()) < 2:
+                raise ValueError("negatives from other classes need at least two classes")
+            labels = labels.long()
+        # samples sorted by class: class c's negatives are all positions outside its block
+        order = torch.argsort(labels, stable=True) if labels is not None else None
+        count = torch.bincount(labels) if labels is not None else None
+        start = torch.cumsum(count, 0) - count if count is not None else None
         self.n_samples, self.dim, self.k = n_samples, dim, k
-        self.tau, self.momentum = tau, momentum
+        self.tau, self.momentum, self.positive = tau, momentum, positive
         self.generator = generator
+        bound = math.sqrt(3 / dim)  # unit expected norm, as the reference's initial banks
         for name in ("memory_s", "memory_t"):
-            init = torch.randn(n_samples, dim, generator=generator)
-            self.register_buffer(name, F.normalize(init, dim=1))
+            init = torch.rand(n_samples, dim, generator=generator) * (2 * bound) - bound
+            self.register_buffer(name, init)
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
+        self.register_buffer("labels", labels, persistent=False)
+        self.register_buffer("class_order", order, persistent=False)
+        self.register_buffer("class_start", start, persistent=False)
+        self.register_buffer("class_count", count, persistent=False)
         self._z_known = False  # spares a device sync per step once Z is known
 
     def sample_negatives(self, rows: Tensor) -> Tensor:
-        """``b×K`` indices drawn uniformly from ``[0, N)`` without the anchor's own row."""
-        shape = (len(rows), self.k)
-        if self.generator is None:
-            neg = torch.randint(0, self.n_samples - 1, shape, device=rows.device)
-        else:
-            neg = torch.randint(0, self.n_samples - 1, shape, generator=self.generator)
-            neg = neg.to(rows.device)
-        return neg + (neg >= rows[:, None]).long()
+        """``b×K`` negative indices for the anchors ``rows`` (see the class docstring)."""
+        device = rows.device
+        if self.generator is not None:
+            rows = rows.cpu()
+        if self.labels is None:
+            shape = (len(rows), self.k)
+            neg = torch.randint(
+                0, self.n_samples - 1, shape, generator=self.generator, device=rows.device
+            )
+            return (neg + (neg >= rows[:, None]).long()).to(device)
+        return self._other_class_negatives(rows).to(device)
+
+    def _other_class_negatives(self, rows: Tensor) -> Tensor:
+        """``K`` samples of other classes per anchor: a uniform random subset, or uniform draws
+        with replacement where the anchor's class has fewer than ``K`` negatives."""
+        assert self.labels is not None and self.class_order is not None
+        assert self.class_start is not None and self.class_count is not None
+        device = rows.device
+        cls = self.labels.to(device)[rows]
+        start, count = self.class_start.to(device)[cls], self.class_count.to(device)[cls]
+        g = self.generator
+        picks = []
+        for n in (self.n_samples - count).tolist():  # how many negatives each anchor has
+            if self.k <= n:
+                picks.append(torch.randperm(n, generator=g, device=device)[: self.k])
+            else:
+                picks.append(torch.randint(0, n, (self.k,), generator=g, device=device))
+        # position among the negatives -> position in the class-sorted order, skipping the block
+        pos = torch.stack(picks)
+        pos = pos + (pos >= start[:, None]).long() * count[:, None]
+        return self.class_order.to(device)[pos]
 
     def forward(self, s_emb: Tensor, t_emb: Tensor, rows: Tensor) -> Tensor:
         """The CRD loss for unit-norm embeddings ``b×dim`` of dataset samples ``rows``."""
@@ -107,19 +166,29 @@ class ContrastiveMemory(nn.Module):
             )
         rows = rows.long()
         neg = self.sample_negatives(rows)
-        pos = torch.exp((s_emb * t_emb).sum(1) / self.tau)
-        neg_t = torch.exp(torch.bmm(self.memory_t[neg], s_emb[:, :, None]).squeeze(2) / self.tau)
-        neg_s = torch.exp(torch.bmm(self.memory_s[neg], t_emb[:, :, None]).squeeze(2) / self.tau)
+        if self.positive == "memory":
+            idx = torch.cat([rows[:, None], neg], 1)  # column 0: the positive
+            scores_s = self._scores(self.memory_t, idx, s_emb)  # student anchors, teacher memory
+            scores_t = self._scores(self.memory_s, idx, t_emb)
+        else:
+            pos = torch.exp((s_emb * t_emb).sum(1, keepdim=True) / self.tau)
+            scores_s = torch.cat([pos, self._scores(self.memory_t, neg, s_emb)], 1)
+            scores_t = torch.cat([pos, self._scores(self.memory_s, neg, t_emb)], 1)
         if not self._z_known:
             with torch.no_grad():
-                for z, scores in ((self.z_s, neg_t), (self.z_t, neg_s)):
+                for z, scores in ((self.z_s, scores_s), (self.z_t, scores_t)):
                     if z < 0:
-                        z.fill_(torch.cat([pos[:, None], scores], 1).mean() * self.n_samples)
+                        z.fill_(scores.mean() * self.n_samples)
             self._z_known = True
-        loss = nce_contrast_loss(pos / self.z_s, neg_t / self.z_s, self.n_samples)
-        loss = loss + nce_contrast_loss(pos / self.z_t, neg_s / self.z_t, self.n_samples)
+        h_s, h_t = scores_s / self.z_s, scores_t / self.z_t
+        loss = nce_contrast_loss(h_s[:, 0], h_s[:, 1:], self.n_samples)
+        loss = loss + nce_contrast_loss(h_t[:, 0], h_t[:, 1:], self.n_samples)
         self._update(rows, s_emb, t_emb)
         return loss
+
+    def _scores(self, memory: Tensor, idx: Tensor, anchors: Tensor) -> Tensor:
+        """``exp(memory[idx]ᵀ anchor / τ)``: ``b×n`` scores for ``b×n`` indices."""
+        return torch.exp(torch.bmm(memory[idx], anchors[:, :, None]).squeeze(2) / self.tau)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         """Load as usual, then look at the loaded ``Z`` again on the next call."""
@@ -137,11 +206,19 @@ class ContrastiveMemory(nn.Module):
 class CRD(Distiller):
     """Tian, Krishnan & Isola 2020, "Contrastive Representation Distillation".
 
-    loss = CE + β · (NCE(s → t-memory) + NCE(t → s-memory)), critic exp(g_s(s)ᵀg_t(t)/τ)/Z with
-    linear, L2-normalised heads g and K uniform negatives from a momentum memory of all N samples.
+    loss = CE + β · (NCE(s → t-memory) + NCE(t → s-memory)), critic exp(vᵀm/τ)/Z between an
+    anchor v (a linear, L2-normalised head on either network's embedding) and rows m of the other
+    network's momentum memory of all N samples (:class:`ContrastiveMemory`).
+
+    By default it computes what the authors' code (RepDistiller, ``mode='exact'``) computes: the
+    positive is read from the memory (``positive: memory``) and the K negatives come from other
+    classes (``negatives: other_class``). ``positive: current`` scores the positive from the
+    current embeddings; ``negatives: uniform`` draws among all other samples.
 
     Needs a training split held in memory (its batches carry their sample indices); ``nce_k`` is
-    capped at N − 1. Embeddings, memory and loss are computed in float32 even under autocast.
+    capped at N − 1 (the reference draws with replacement past that, which only matters for
+    training sets smaller than 16385). Embeddings, memory and loss are computed in float32 even
+    under autocast.
     """
 
     def __init__(
@@ -152,6 +229,8 @@ class CRD(Distiller):
         nce_k: int = 16384,
         nce_t: float = 0.07,
         nce_momentum: float = 0.5,
+        positive: str = "memory",
+        negatives: str = "other_class",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -164,6 +243,19 @@ class CRD(Distiller):
             raise ConfigError(self.key_of("nce_t"), nce_t, "a positive temperature")
         if not 0 <= nce_momentum < 1:
             raise ConfigError(self.key_of("nce_momentum"), nce_momentum, "a momentum in [0, 1)")
+        if positive not in POSITIVES:
+            raise ConfigError(
+                self.key_of("positive"),
+                positive,
+                "memory (RepDistiller: the other network's memory row) or current (the current "
+                "embeddings)",
+            )
+        if negatives not in NEGATIVES:
+            raise ConfigError(
+                self.key_of("negatives"),
+                negatives,
+                "other_class (RepDistiller's exact mode) or uniform (any other sample)",
+            )
         if len(self.student_layers) != 1:
             raise ConfigError(
                 self.key_of("student_layers"),
@@ -178,7 +270,16 @@ class CRD(Distiller):
                 "an in-memory dataset whose batches carry their sample indices: CRD keeps a "
                 "memory bank with one row per training sample",
             )
-        self.n_samples = len(train.targets)  # type: ignore[attr-defined]
+        targets = torch.as_tensor(train.targets)  # type: ignore[attr-defined]
+        self.n_samples = len(targets)
+        self.labels: Tensor | None = None
+        if negatives == "other_class":
+            if len(targets.unique()) < 2:
+                raise ConfigError(
+                    self.key_of("negatives"), negatives, "uniform: the training set has one class"
+                )
+            self.labels = targets.long()
+        self.positive, self.negatives = positive, negatives
         self.beta, self.feat_dim = beta, feat_dim
         self.nce_k, self.nce_t, self.nce_momentum = nce_k, nce_t, nce_momentum
         self.embed_s: Embed | None = None
@@ -191,7 +292,15 @@ class CRD(Distiller):
         self.embed_s = Embed(math.prod(s_shapes[0][1:]), self.feat_dim).to(device)
         self.embed_t = Embed(math.prod(t_shapes[0][1:]), self.feat_dim).to(device)
         k = min(self.nce_k, self.n_samples - 1)
-        memory = ContrastiveMemory(self.n_samples, self.feat_dim, k, self.nce_t, self.nce_momentum)
+        memory = ContrastiveMemory(
+            self.n_samples,
+            self.feat_dim,
+            k,
+            self.nce_t,
+            self.nce_momentum,
+            positive=self.positive,
+            labels=self.labels,
+        )
         self.memory = memory.to(device)
 
     def distill_terms(

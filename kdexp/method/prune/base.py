@@ -30,7 +30,7 @@ from kdexp.dataset.base import Data
 from kdexp.errors import ConfigError
 from kdexp.features import describe_modules
 from kdexp.method.base import Method, Needs, Step
-from kdexp.method.prune.schedule import SCHEDULES, plan
+from kdexp.method.prune.schedule import LEGACY_KNOBS, Schedule, build_schedule
 from kdexp.stats import count_params, flops, latency_ms
 from kdexp.surgery import PRUNABLE
 
@@ -93,50 +93,54 @@ class Pruner(Method):
         criterion: nn.Module,
         sparsity: float,
         epochs: int,
-        schedule: str = "oneshot",
+        schedule: str | Schedule = "oneshot",  # a name in conf/method/prune/schedule/ or a Schedule
         scope: str = "global",
         keep_first: bool = False,
         keep_last: bool = False,
         layers: Sequence[str] | None = None,
-        initial_sparsity: float = 0.0,
-        start_epoch: int = 0,
-        frequency: int = 10,
-        updates: int = 10,
-        rounds: int = 3,
-        epochs_per_round: int = 1,
         calibration_batches: int = 8,
-        **kwargs: Any,
+        key: str = "method",
+        distill: Callable[..., Method] | None = None,
+        teacher: nn.Module | None = None,
+        # Deprecated flat knobs: set on the schedule (method.schedule.frequency=...) with a warning.
+        initial_sparsity: float | None = None,
+        start_epoch: int | None = None,
+        frequency: int | None = None,
+        updates: int | None = None,
+        rounds: int | None = None,
+        epochs_per_round: int | None = None,
     ) -> None:
-        super().__init__(data=data, criterion=criterion, **kwargs)
+        super().__init__(data=data, criterion=criterion, key=key, distill=distill, teacher=teacher)
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float):
             raise ConfigError("method.sparsity", sparsity, "a fraction in [0, 1)")
         if not 0 <= sparsity < 1:
             raise ConfigError("method.sparsity", sparsity, "a fraction in [0, 1)")
         if scope not in SCOPES:
             raise ConfigError("method.scope", scope, "one of " + ", ".join(SCOPES))
-        if schedule not in SCHEDULES:
-            raise ConfigError("method.schedule", schedule, "one of " + ", ".join(SCHEDULES))
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ConfigError("method.calibration_batches", calibration_batches, "a positive int")
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError("method.epochs", epochs, "a positive integer (${schedule.epochs})")
         steps_per_epoch = len(data.train)  # type: ignore[arg-type]
-        self.sparsity, self.schedule, self.scope = float(sparsity), schedule, scope
-        self.keep_first, self.keep_last = keep_first, keep_last
-        self.layers = list(layers) if layers is not None else None
-        self.calibration_batches = calibration_batches
-        self.plan = plan(
-            schedule,
-            float(sparsity),
-            total_steps=epochs * steps_per_epoch,
-            steps_per_epoch=steps_per_epoch,
-            epochs=epochs,
+        legacy = dict(
             initial_sparsity=initial_sparsity,
             start_epoch=start_epoch,
             frequency=frequency,
             updates=updates,
             rounds=rounds,
             epochs_per_round=epochs_per_round,
+        )
+        assert set(legacy) == set(LEGACY_KNOBS)
+        self.schedule = build_schedule(schedule, legacy)
+        self.sparsity, self.scope = float(sparsity), scope
+        self.keep_first, self.keep_last = keep_first, keep_last
+        self.layers = list(layers) if layers is not None else None
+        self.calibration_batches = calibration_batches
+        self.plan = self.schedule.plan(
+            float(sparsity),
+            total_steps=epochs * steps_per_epoch,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
         )
         self._updates = dict(self.plan)
         self.curve: list[tuple[int, float, float]] = []  # (step, target, reached)
@@ -197,7 +201,7 @@ class Pruner(Method):
             "sparsity/target": target,
             **{f"sparsity/{k}": v for k, v in self.layer_sparsity.items()},
         }
-        if self.schedule == "iterative":
+        if self.schedule.counts_rounds:
             metrics["prune/round"] = self.rounds_done
             log.info("pruning round %d: sparsity %.4f", self.rounds_done, reached[""])
         return metrics
@@ -266,7 +270,7 @@ class Pruner(Method):
         steps = [c[0] for c in self.curve]
         ax.plot(steps, [c[1] for c in self.curve], "o--", label="target")
         ax.plot(steps, [c[2] for c in self.curve], ".-", label="reached")
-        ax.set(xlabel="step", ylabel="sparsity", title=f"{self.schedule} schedule")
+        ax.set(xlabel="step", ylabel="sparsity", title=f"{self.schedule.name} schedule")
         ax.legend()
         fig.tight_layout()
         paths.append(folder / "sparsity_curve.png")

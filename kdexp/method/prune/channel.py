@@ -12,9 +12,10 @@ channels for real and returns the smaller model. ``sparsity`` is the fraction of
 of each group (``scope: layerwise``) or of all groups together with normalised importance
 (``scope: global``, at least one channel left per group). The classifier's outputs are never pruned.
 
-Importance (``importance``): ``l1`` / ``l2`` group filter norms (Li et al. 2017), ``bn_scale``
-(|γ| of the BatchNorm, network slimming, Liu et al. 2017) or ``taylor`` (|w·∂L/∂w| over
-``calibration_batches`` batches, Molchanov et al. 2019).
+Importance (``importance``, :mod:`kdexp.method.prune.importance`): ``l1`` / ``l2`` group filter
+norms (Li et al. 2017), ``bn_scale`` (|γ| of the BatchNorm, network slimming, Liu et al. 2017) or
+``taylor`` (|w·∂L/∂w| over ``calibration_batches`` batches, Molchanov et al. 2019); a new one is
+a :class:`~kdexp.method.prune.importance.ChannelImportance` and a yaml.
 
 A shrunk checkpoint is an ordinary state_dict with smaller shapes: :func:`load_pruned` rebuilds the
 architecture from its config, removes channels until the shapes fit, and loads it (weights_only).
@@ -34,25 +35,14 @@ from kdexp.errors import ConfigError
 from kdexp.features import describe_modules
 from kdexp.method.base import Needs
 from kdexp.method.prune.base import Pruner
+from kdexp.method.prune.importance import ChannelImportance, build_importance
 from kdexp.surgery import PRUNABLE, classifier, trace
-
-IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 
 Slice = tuple[Tensor, int, Tensor]  # (parameter, dim, channel indices)
 
 
 class _Unsupported(Exception):
     """A group holds a parameter that cannot be zeroed channel-wise (so it cannot be masked)."""
-
-
-def _importance(name: str) -> tp.importance.Importance:
-    if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if name == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if name == "bn_scale":
-        return tp.importance.BNScaleImportance()
-    return tp.importance.GroupTaylorImportance()
 
 
 def _slices(graph: tp.DependencyGraph, group: Any) -> list[Slice]:
@@ -108,11 +98,10 @@ class Channel(Pruner):
         """Single-process only: DistributedDataParallel cannot follow shrinking parameters."""
         return replace(super().needs(cfg), distributed=False)
 
-    def __init__(self, *, importance: str = "l1", **kwargs: Any) -> None:
-        if importance not in IMPORTANCES:
-            raise ConfigError("method.importance", importance, "one of " + ", ".join(IMPORTANCES))
+    def __init__(self, *, importance: str | ChannelImportance = "l1", **kwargs: Any) -> None:
+        criterion = build_importance(importance)
         super().__init__(**kwargs)
-        self.importance = importance
+        self.importance = criterion
         self.graph: tp.DependencyGraph | None = None
         # name -> (root module, root pruning function, channel count)
         self.groups: dict[str, tuple[nn.Module, Any, int]] = {}
@@ -192,11 +181,7 @@ class Channel(Pruner):
             return f"its group holds {type(culprit).__name__} {names.get(culprit, '')}, which " + (
                 "cannot be masked channel-wise"
             )
-        if self.importance == "bn_scale" and not any(
-            isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) for dep, _ in group
-        ):
-            return "its group has no BatchNorm for importance=bn_scale"
-        return ""
+        return self.importance.unprunable(group)
 
     # -- masks --------------------------------------------------------------------------------
     def _group(self, name: str, idxs: list[int]) -> Any:
@@ -205,9 +190,9 @@ class Channel(Pruner):
         return self.graph.get_pruning_group(root, fn, idxs)
 
     def _scores(self) -> dict[str, Tensor]:
-        scorer = _importance(self.importance)
+        scorer = self.importance.scorer()
         grads: dict[nn.Parameter, Tensor] = {}
-        if self.importance == "taylor":
+        if self.importance.needs_gradients:
 
             def add() -> None:
                 for p in self.model.parameters():
@@ -221,7 +206,7 @@ class Channel(Pruner):
         for name, (_, _, n) in self.groups.items():
             s = scorer(self._group(name, list(range(n))))
             if s is None:
-                raise RuntimeError(f"importance {self.importance} gave no score for {name}")
+                raise RuntimeError(f"importance {self.importance.name} gave no score for {name}")
             s = s.detach().float().cpu().clone()
             s[self.pruned[name]] = float("-inf")
             scores[name] = s
