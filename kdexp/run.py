@@ -131,7 +131,13 @@ def execute(cfg: DictConfig, job: Job, reuse_finished: bool = False) -> RunResul
     """
     built = _build(cfg, job)
     raise_if_stopped()  # stopped while building: no run was opened, nothing to carry on
-    reuse_finished = reuse_finished or OmegaConf.select(cfg, "resume") == "auto"
+    # resume=auto carries on a stopped run of this config where there is one, else it reuses a
+    # FINISHED one (a relaunched sweep finishes only what is missing).
+    if OmegaConf.select(cfg, "resume") == "auto" and built.needs.trains:
+        stopped = distributed.on_main(lambda: _resume_path(cfg, built.tracker))
+        reuse_finished = reuse_finished or stopped is None
+    else:
+        reuse_finished = reuse_finished or OmegaConf.select(cfg, "resume") == "auto"
     if not reuse_finished:
         return _train(cfg, job, built)
     tracker = built.tracker  # under torchrun rank 0 decides, and tells the other ranks
