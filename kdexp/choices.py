@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 
+#: Config groups whose options are components of another group's option (a pruning method's
+#: schedule, a dataset's augmentation), chosen by a key of theirs, never as that group's option.
+COMPONENT_GROUPS = ("method/prune/schedule", "method/prune/importance", "dataset/augment")
+
+
 def _roots() -> list[Traversable]:
     """The config folders Hydra searches, in its order; kdexp's own conf/ when Hydra is not set."""
     roots: list[Traversable] = []

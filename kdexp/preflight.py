@@ -89,10 +89,17 @@ def group_options(group: str) -> list[str]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.object_type import ObjectType
 
+    from kdexp.choices import COMPONENT_GROUPS
+
     loader = GlobalHydra.instance().config_loader()
-    found = list(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
+    found = [
+        name
+        for name in loader.get_group_options(group, results_filter=ObjectType.CONFIG)
+        if not name.startswith("_")  # shared pieces (prune/_base), not options
+    ]
     for sub in loader.get_group_options(group, results_filter=ObjectType.GROUP):
-        found += [f"{sub}/{name}" for name in group_options(f"{group}/{sub}")]
+        if f"{group}/{sub}" not in COMPONENT_GROUPS:  # a schedule is no method
+            found += [f"{sub}/{name}" for name in group_options(f"{group}/{sub}")]
     return sorted(found)
 
 

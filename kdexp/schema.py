@@ -77,6 +77,8 @@ class Range:
         """The range in words, for the error message."""
         if self.low is None and self.high is None:
             return "any number"
+        if self.low == 0 and self.high is None:
+            return "a positive number" if self.low_open else "a number >= 0"
         left = "(" if self.low_open else "["
         right = ")" if self.high_open else "]"
         low = "-inf" if self.low is None else f"{self.low:g}"
@@ -361,5 +363,8 @@ def check_paths(cfg: DictConfig) -> None:
                 raise ConfigError(key, value, f"a folder ({path.resolve()} is a file)")
             if not path.exists() and download is False:
                 raise ConfigError(
-                    key, value, f"an existing folder ({path.resolve()} does not exist)"
+                    key,
+                    value,
+                    f"an existing folder ({path.resolve()} does not exist), or "
+                    f"{key.rsplit('.', 1)[0]}.download=true to fetch the data there",
                 )

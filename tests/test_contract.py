@@ -229,6 +229,7 @@ _TOY_YAML = {
           - /method/prune/_base@_here_
           - _self_
         _target_: toykd.methods.Largest
+        _partial_: true
         schedule: oneshot
         sparsity: 0.5
     """,

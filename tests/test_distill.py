@@ -184,8 +184,8 @@ def test_kd_student_beats_student_alone_on_digits(compose_cfg, tmp_path: Path) -
 
 BAD_DISTILL = {
     "teacher_classes": (["teacher.num_classes=5"], "teacher.num_classes=5: the student's"),
-    "temperature": (["method.T=0"], "method.T=0: a positive temperature"),
-    "alpha": (["method.alpha=1.5"], "method.alpha=1.5: a weight in [0, 1]"),
+    "temperature": (["method.T=0"], "method.T=0: a positive number"),
+    "alpha": (["method.alpha=1.5"], "method.alpha=1.5: a number in [0, 1]"),
     "layer": (
         ["method=distill/fitnet", "method.student_layers=[nope]"],
         "method.student_layers='nope': a module path of MLP: layers, layers.0",

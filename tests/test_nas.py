@@ -199,7 +199,7 @@ def test_failed_trials_are_optuna_failures_and_the_search_goes_on(
     done, sweep = _sweep(tmp_path, args)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    assert "model.width=0: a positive integer" in done.stderr
+    assert "model.width=0: a positive number" in done.stderr
     jobs = {p.name: p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()}
     assert len(jobs) == 4
     failed = {n for n, p in jobs.items() if (p / "failed.txt").is_file()}
