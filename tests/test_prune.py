@@ -395,7 +395,7 @@ def test_agp_80_percent_magnitude_loses_at_most_a_point_on_digits(
 
 
 PRESETS = {
-    "han2015_lenet300_100": ("LeNet300_100", "magnitude", 0.92, "iterative"),
+    "han2015_lenet300_100": ("LeNet300_100", "magnitude", 0.92, "agp"),
     "agp_resnet20_cifar10": ("CifarResNet", "magnitude", 0.8, "agp"),
     "seed_resnet18_sensitivity": ("build", "sensitivity", 0.7, "iterative"),
 }
@@ -414,6 +414,7 @@ def test_pruning_preset_composes_and_runs_on_synthetic_data_of_its_shape(
     assert real.method.schedule._target_.lower().endswith(f".{schedule}")
     cfg = compose_cfg(
         f"experiment={name}",
+        "hydra.mode=RUN",  # a preset that sweeps its arms runs here as one job
         "dataset=synthetic",
         f"dataset.num_classes={real.dataset.num_classes}",
         f"dataset.channels={real.dataset.channels}",

@@ -147,7 +147,8 @@ NAS += ["hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.population_size=4"]
 
 @pytest.mark.slow
 def test_interrupted_study_continues_on_relaunch(tmp_path: Path) -> None:
-    args = [*NAS, "model.width=choice(16,32,64,128,256)", "schedule.epochs=4"]
+    # Enough epochs that the third trial is still training a second after it starts.
+    args = [*NAS, "model.width=choice(16,32,64,128,256)", "schedule.epochs=150"]
     args += tracking_overrides(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(

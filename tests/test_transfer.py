@@ -400,7 +400,7 @@ def test_transfer_digits_compares_finetune_and_scratch_fairly(tmp_path: Path) ->
     assert sorted(by_role) == sorted((*role, "0") for role in roles)
 
     def steps(run) -> int:
-        return client.get_metric_history(run.info.run_id, "test/acc1")[-1].step
+        return client.get_metric_history(run.info.run_id, "val/acc1")[-1].step  # the last epoch
 
     source = by_role["baseline", "digits-source", "0"]
     finetuned = by_role["finetune", "digits", "0"]

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdexp import search as job_side
 from kdexp.errors import ConfigError
-from kdexp.sweep import parent_run
+from kdexp.sweep import parent_run, stop_requested
 
 from ._space import SearchSpace, parse
 
@@ -230,9 +230,16 @@ def search(sweeper: Any, arguments: list[str]) -> None:
             overrides.append([*space.overrides(trial.params), *env])
         returns = sweeper.launcher.launch(overrides, initial_job_idx=job_idx)
         job_idx += len(returns)
+        stopped = stop_requested(folder) is not None  # Ctrl-C or SIGTERM to the sweep
         for trial, twin, ret in zip(trials, twins, returns, strict=True):
+            if stopped and _values(ret, len(study.directions)) is None:
+                # Left RUNNING: a relaunch marks it interrupted and asks it again.
+                log.info("trial %d stopped with the sweep: %s", trial.number, trial.params)
+                continue
             state = _tell(study, trial, twin, ret)
             log.info("trial %d %s: %s", trial.number, state, trial.params)
         done += size
+        if stopped:
+            break
     _write_results(study, folder)
     log.info("study %s: %s", name, _summary(study.get_trials(deepcopy=False, states=_FINISHED)))
