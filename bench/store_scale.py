@@ -37,20 +37,6 @@ EXPERIMENT = "kdexp"
 SWEEP = "bench-sweep"
 LINEAGE = "bench-lineage-target"
 HISTORIES = ("val/acc1", "val/loss", "train/loss")
-FINAL = (
-    "best/val_acc1",
-    "best/epoch",
-    "last/val_acc1",
-    "test/loss",
-    "test/acc1",
-    "test/acc5",
-    "model/params",
-    "model/nonzero_params",
-    "model/size_bytes",
-    "model/flops",
-    "model/latency_ms",
-    "model/latency_ms_batch",
-)
 LOOKUP = """
 import sys, time
 from kdexp.tracking.mlflow import MlflowTracker, prepare_store
