@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,31 @@ def test_every_coder_round_trips(codec: str, width: int) -> None:
     symbols = np.random.default_rng(width).integers(0, 2**width, 777, dtype=np.uint64)
     found, data = entropy.encode(symbols, width, codec)
     assert np.array_equal(entropy.decode(found, data, width, symbols.size), symbols)
+
+
+@pytest.mark.parametrize("width", [1, 4, 8, 13, 16])
+def test_huffman_size_without_coding_equals_the_coded_length(width: int) -> None:
+    rng = np.random.default_rng(width)
+    skewed = np.minimum(rng.geometric(0.3, 5000) - 1, 2**width - 1).astype(np.uint64)
+    assert entropy.huffman_size(skewed, width) == len(entropy.huffman_encode(skewed, width))
+
+
+def test_a_long_stream_takes_the_smallest_of_raw_huffman_and_fast_zlib() -> None:
+    # Over FAST_ABOVE bytes lzma is skipped and zlib runs at level 1: the choice is the smallest
+    # of raw, Huffman and that zlib, and it decodes.
+    count = entropy.FAST_ABOVE + 1000
+    rng = np.random.default_rng(0)
+    repetitive = np.tile(rng.integers(0, 256, 64, dtype=np.uint64), count // 64 + 1)[:count]
+    codec, data = entropy.encode(repetitive, 8)
+    fast = zlib.compressobj(1, zlib.DEFLATED, -15)
+    zlib_size = len(fast.compress(entropy.pack_bits(repetitive, 8)) + fast.flush())
+    assert codec == entropy.ZLIB and len(data) == zlib_size
+    assert len(data) < entropy.huffman_size(repetitive, 8) < count
+    assert np.array_equal(entropy.decode(codec, data, 8, count), repetitive)
+    noise = rng.integers(0, 256, count, dtype=np.uint64)
+    codec, data = entropy.encode(noise, 8)
+    assert codec in (entropy.RAW, entropy.HUFFMAN) and len(data) <= count
+    assert np.array_equal(entropy.decode(codec, data, 8, count), noise)
 
 
 def test_odd_values_survive_bit_for_bit() -> None:
