@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/kdexp $(ARGS)
 
+# The suite runs on every core, at most 4 workers (pytest-xdist; most tests wait on kdexp
+# subprocesses). JOBS=0 runs it in one process.
+JOBS ?= auto --maxprocesses 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kdexp hydra_plugins tests bench

@@ -32,6 +32,7 @@ def _find_mnist5k() -> Path | None:
 MNIST5K = _find_mnist5k()
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("real_data"),  # one worker: the module's store is shared
     pytest.mark.skipif(
         MNIST5K is None,
         reason="real-data tests: ../shared/data/mnist5k (5,000 MNIST digits) is not here",
