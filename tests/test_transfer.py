@@ -243,6 +243,45 @@ def test_backbone_lr_scale_gives_two_groups(tmp_path: Path) -> None:
     }
 
 
+def test_transfer_takes_only_the_named_modules_and_the_rest_trains_at_lr(tmp_path: Path) -> None:
+    method, model, source = _finetuned(tmp_path, transfer=["body.1"], backbone_lr_scale=0.1)
+    assert torch.equal(model.body[1].weight, source.body[1].weight)
+    assert torch.equal(model.body[1].bias, source.body[1].bias)
+    bn = model.body[2]  # not transferred: a new layer's statistics, not the source's
+    assert torch.equal(bn.running_mean, torch.zeros(16))
+    assert not torch.equal(bn.running_mean, source.body[2].running_mean)
+    groups = method.param_groups(model, 0.05)
+    assert groups is not None
+    assert [g["lr"] for g in groups] == pytest.approx([0.005, 0.05])
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.body[1].parameters()}
+    fresh = [*model.body[2].parameters(), *model.fc.parameters()]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in fresh}
+
+
+def test_a_linear_probe_with_transfer_freezes_only_what_was_transferred(tmp_path: Path) -> None:
+    method, model, _ = _finetuned(tmp_path, transfer=["body.1"], mode="linear_probe")
+    before = copy.deepcopy(model.state_dict())
+    _step(method, model)
+    after = model.state_dict()
+    assert torch.equal(before["body.1.weight"], after["body.1.weight"])
+    assert not torch.equal(before["body.2.weight"], after["body.2.weight"])  # fresh BN trains
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_transfer_of_a_module_the_model_lacks_names_the_key_and_the_modules(
+    tmp_path: Path,
+) -> None:
+    _, path = _source(tmp_path)
+    method = Finetune(data=_data(), criterion=nn.CrossEntropyLoss(), transfer=["features"])
+    with pytest.raises(ConfigError) as caught:
+        method.load_start(Net(5), path, "checkpoint")
+    assert caught.value.key == "method.transfer"
+    assert "body.1, body.2, fc" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        Finetune(data=_data(), criterion=nn.CrossEntropyLoss(), transfer=[])
+    assert caught.value.key == "method.transfer"
+
+
 def test_finetune_option_errors() -> None:
     for options, key in (
         ({"mode": "partial"}, "method.mode"),

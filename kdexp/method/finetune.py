@@ -68,6 +68,7 @@ class Finetune(Method):
         mode: str = "full",
         freeze_bn: bool = False,
         backbone_lr_scale: float = 1.0,
+        transfer: list[str] | None = None,
         source: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -81,6 +82,12 @@ class Finetune(Method):
             or backbone_lr_scale < 0
         ):
             raise ConfigError("method.backbone_lr_scale", backbone_lr_scale, "a number >= 0")
+        if transfer is not None:
+            transfer = list(transfer)
+            if not transfer or not all(isinstance(t, str) and t for t in transfer):
+                raise ConfigError(
+                    "method.transfer", transfer, "null or a list of module names (e.g. [features])"
+                )
         if isinstance(source, DictConfig):
             source = OmegaConf.to_container(source, resolve=True)  # type: ignore[assignment]
         if source is not None and (
@@ -93,7 +100,9 @@ class Finetune(Method):
         self.mode, self.freeze_bn = mode, freeze_bn
         self.backbone_lr_scale = float(backbone_lr_scale)
         self.source = dict(source) if source is not None else None
+        self.transfer = transfer
         self.head: str | None = None
+        self.transferred: set[str] | None = None  # the tensors taken from the source
         self._hooks: list[RemovableHandle] = []
 
     @classmethod
@@ -129,13 +138,31 @@ class Finetune(Method):
     def load_start(self, model: nn.Module, path: Path, key: str) -> None:
         """Load every tensor of ``path`` except the classifier head's; any other misfit fails.
 
+        With ``transfer`` (module names, e.g. ``[features]``) only the tensors under those modules
+        are taken; the other layers start fresh and train at the head's lr (Yosinski et al. 2014:
+        the first layers' features are general, the last ones specific to the source's classes).
+
         A channel-pruned source first shrinks ``model`` to its widths (the head's inputs too). The
         file may hold a head for any class count (a torchvision ImageNet state_dict) or none (a
         bare backbone); a file of another architecture fails on its backbone keys.
         """
         head = classifier_head(model)
         state = read_state_dict(path, key)
-        skip = [k for k in model.state_dict() if k.startswith(head + ".")]
+        names = list(model.state_dict())
+        skip = [k for k in names if k.startswith(head + ".")]
+        if self.transfer is not None:
+            modules = sorted({k.rsplit(".", 1)[0] for k in names})
+            for prefix in self.transfer:
+                if not any(k.startswith(prefix + ".") for k in names):
+                    raise ConfigError(
+                        self.key_of("transfer"),
+                        self.transfer,
+                        f"module names of {type(model).__name__} (or their parents): "
+                        + ", ".join(modules),
+                    )
+            taken = tuple(prefix + "." for prefix in self.transfer)
+            skip += [k for k in names if not k.startswith(taken) and k not in skip]
+        self.transferred = {k for k in names if k not in skip}
         shrink_to_fit(model, state, self.data.input_shape, skip)
         for name in skip:
             own = model.state_dict()[name]
@@ -154,10 +181,10 @@ class Finetune(Method):
     def prepare(self, model: nn.Module) -> nn.Module:
         """Find the head; freeze the backbone (linear probe) and the BatchNorm statistics."""
         self.head = classifier_head(model)
-        head_params = {id(p) for p in model.get_submodule(self.head).parameters()}
+        fresh = self._fresh(model)
         if self.mode == "linear_probe":
             for p in model.parameters():
-                if id(p) not in head_params:
+                if id(p) not in fresh:
                     p.requires_grad_(False)
         if self.freeze_bn or self.mode == "linear_probe":
             for module in model.modules():
@@ -169,7 +196,7 @@ class Finetune(Method):
         """The backbone at ``backbone_lr_scale`` × lr, the head (and this method) at lr."""
         if self.head is None:
             raise RuntimeError("Finetune.param_groups before prepare")
-        head = {id(p) for p in model.get_submodule(self.head).parameters()}
+        head = self._fresh(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         backbone = [p for p in trainable if id(p) not in head]
         top = [p for p in trainable if id(p) in head] + [
@@ -181,6 +208,15 @@ class Finetune(Method):
                 0, {"params": backbone, "lr": lr * self.backbone_lr_scale, "name": "backbone"}
             )
         return groups
+
+    def _fresh(self, model: nn.Module) -> set[int]:
+        """ids of the parameters not taken from the source: the head's, and with ``transfer``
+        every layer outside it. They train at lr, and in a linear probe they are what trains."""
+        assert self.head is not None
+        fresh = {id(p) for p in model.get_submodule(self.head).parameters()}
+        if self.transferred is not None:
+            fresh |= {id(p) for n, p in model.named_parameters() if n not in self.transferred}
+        return fresh
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Drop the BatchNorm hooks: the saved model is a plain one."""
