@@ -9,7 +9,7 @@ the clock starts). It prints each wall time, the torch thread count the jobs ran
 ratio to the basic launcher; each sweep's 8 MLflow runs are checked FINISHED.
 ``--oversubscribed`` also times joblib with as many torch threads per job as cores.
 Extra overrides apply to every sweep and win over the defaults above (``schedule.epochs=30``
-gives each job more to do). Target: joblib/basic at most 0.65 on 2 cores.
+gives each job more to do). Targets (issue 15): joblib/basic at most 0.75 on 2 cores for 2-epoch jobs, 0.6 for 20-epoch ones.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main() -> None:
             f"  {name:32s} {min(times[name]):6.1f} s  ratio {min(times[name]) / basic:.2f} "
             f"(per round: {pairs})"
         )
-    print("target: joblib n_jobs=2 / basic <= 0.65")
+    print("targets: joblib n_jobs=2 / basic <= 0.75 (2-epoch jobs), <= 0.6 (20-epoch jobs)")
 
 
 if __name__ == "__main__":
