@@ -4,6 +4,7 @@ unpickling, so a checkpoint crafted to run code is refused."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,11 @@ def _load(path: str | Path, key: str, what: str) -> Any:
     if not file.is_file():
         raise ConfigError(key, str(path), f"an existing {what} file ({file.resolve()} is not one)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's own rebuild of a quantized tensor (torch/_utils.py) goes through the
+            # deprecated TypedStorage and warns on every int8 checkpoint; nothing here uses it.
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt, or holding objects beyond tensors
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
