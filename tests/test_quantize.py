@@ -329,6 +329,30 @@ def test_qat_4bit_run_logs_to_mlflow(tmp_path: Path) -> None:
     assert lines[0].startswith("layer,bits,numel,mse") and len(lines) == 1 + 3  # MLP: 3 layers
 
 
+@pytest.mark.slow
+def test_an_int8_run_prints_no_library_warning_and_its_mlflow_model_reproduces_test_acc(
+    tmp_path: Path,
+) -> None:
+    import mlflow.pytorch
+
+    args = ["method=quantize/ptq_int8", "schedule.epochs=2", "latency_repeats=1"]
+    done = run_cli(args + tracking_overrides(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    for noise in ("Warning", "WARNING", "pt2:", "Traceback"):
+        assert noise not in output, output[-3000:]
+    assert "model logged with pickle (torch.export cannot trace torch.ao int8 modules)" in output
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("test")
+    (found,) = client.search_runs([experiment.experiment_id], "tags.method = 'quantize/ptq_int8'")
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"runs:/{found.info.run_id}/model")
+    # kdexp's own top-1 (topk): int8 logits tie often, and argmax breaks ties differently.
+    test = evaluate(model, digits(batch_size=64, seed=0).test, torch.device("cpu"))
+    assert test["acc1"] == pytest.approx(found.data.metrics["test/acc1"], abs=1e-4)
+
+
 def test_qat_keeps_pruned_zeros_while_training() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))

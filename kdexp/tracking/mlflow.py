@@ -77,6 +77,27 @@ def _truncate(value: object) -> str:
     return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
 
 
+@contextmanager
+def _quiet_pickling(serialization: str) -> Iterator[None]:
+    """For a model that kdexp pickles because ``pt2`` cannot hold it: no MLflow warning advising
+    ``pt2``, and no torch TypedStorage deprecation (raised by torch's own pickling of quantized
+    tensors). Any other warning still shows."""
+    if serialization != "pickle":
+        yield
+        return
+    import warnings
+
+    logger = logging.getLogger("mlflow.pytorch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 class MlflowTracker(Tracker):
     """One MLflow run per job; ``uri`` null means SQLite at outputs/mlflow.db.
 
@@ -334,6 +355,8 @@ class MlflowTracker(Tracker):
         from mlflow.entities import LoggedModelStatus
         from mlflow.exceptions import MlflowException
 
+        from kdexp.packed import quantized_kind
+
         client, run_id = self._open_run()
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log noise
         try:
@@ -349,21 +372,27 @@ class MlflowTracker(Tracker):
             experiment_id = client.get_run(run_id).info.experiment_id
             _known_requirements(("torch", "mlflow"))
             failures = []
-            for serialization in ("pt2", "pickle"):
+            formats = ["pt2", "pickle"]
+            if quantized_kind(cpu.state_dict()) == "an int8 model":
+                # torch.export cannot trace torch.ao's packed int8 parameters: no attempt, one line.
+                formats = ["pickle"]
+                failures.append("torch.export cannot trace torch.ao int8 modules")
+            for serialization in formats:
                 logged = client.create_logged_model(
                     experiment_id, name="model", source_run_id=run_id
                 )
                 try:
-                    mlflow.pytorch.log_model(
-                        cpu,
-                        name="model",
-                        model_id=logged.model_id,
-                        run_id=run_id,
-                        input_example=input_example,
-                        serialization_format=serialization,
-                        # Listing them skips inference, which loads the model in a subprocess.
-                        pip_requirements=[f"torch=={version('torch')}"],
-                    )
+                    with _quiet_pickling(serialization):
+                        mlflow.pytorch.log_model(
+                            cpu,
+                            name="model",
+                            model_id=logged.model_id,
+                            run_id=run_id,
+                            input_example=input_example,
+                            serialization_format=serialization,
+                            # Listing them skips inference, which loads the model in a subprocess.
+                            pip_requirements=[f"torch=={version('torch')}"],
+                        )
                 except _UNSTORABLE as error:  # torch.export or pickle refused this model
                     failures.append(f"{serialization}: {type(error).__name__}: {_reason(error)}")
                     client.delete_logged_model(logged.model_id)
