@@ -4,7 +4,6 @@ unpickling, so a checkpoint crafted to run code is refused."""
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from kdexp.errors import ConfigError
-from kdexp.packed import quantized_kind
+from kdexp.packed import quantized_kind, quantized_storage_quietly
 
 
 def save_checkpoint(path: Path, model: nn.Module, **info: int | float) -> None:
@@ -41,10 +40,7 @@ def _load(path: str | Path, key: str, what: str) -> Any:
     if not file.is_file():
         raise ConfigError(key, str(path), f"an existing {what} file ({file.resolve()} is not one)")
     try:
-        with warnings.catch_warnings():
-            # torch's own rebuild of a quantized tensor (torch/_utils.py) goes through the
-            # deprecated TypedStorage and warns on every int8 checkpoint; nothing here uses it.
-            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+        with quantized_storage_quietly():  # an int8 checkpoint: torch's own deprecation
             return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt, or holding objects beyond tensors
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

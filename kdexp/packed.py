@@ -14,7 +14,9 @@ of the same architecture and such a state_dict (or a ``final.pt``), read with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,12 @@ def quantized_kind(state: Mapping[str, object]) -> str | None:
         if name.endswith(".packed") and isinstance(value, Tensor) and value.dtype == torch.uint8:
             return "a model with packed low-bit weights"
     return None
+
+
+@contextmanager
+def quantized_storage_quietly() -> Iterator[None]:
+    """Silence torch's TypedStorage deprecation, which torch's own (un)pickling of quantized
+    tensors raises (torch/_utils.py) on every int8 model or checkpoint; other warnings show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+        yield

@@ -85,14 +85,13 @@ def _quiet_pickling(serialization: str) -> Iterator[None]:
     if serialization != "pickle":
         yield
         return
-    import warnings
+    from kdexp.packed import quantized_storage_quietly
 
     logger = logging.getLogger("mlflow.pytorch")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+        with quantized_storage_quietly():
             yield
     finally:
         logger.setLevel(level)
