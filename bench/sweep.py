@@ -9,7 +9,8 @@ the clock starts). It prints each wall time, the torch thread count the jobs ran
 ratio to the basic launcher; each sweep's 8 MLflow runs are checked FINISHED.
 ``--oversubscribed`` also times joblib with as many torch threads per job as cores.
 Extra overrides apply to every sweep and win over the defaults above (``schedule.epochs=30``
-gives each job more to do). Targets (issue 15): joblib/basic at most 0.75 on 2 cores for 2-epoch jobs, 0.6 for 20-epoch ones.
+gives each job more to do). Targets (issue 15): joblib/basic at most 0.75 on 2 cores for
+2-epoch jobs, 0.6 for 20-epoch ones.
 """
 
 from __future__ import annotations
