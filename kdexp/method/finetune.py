@@ -149,19 +149,17 @@ class Finetune(Method):
         head = classifier_head(model)
         state = read_state_dict(path, key)
         names = list(model.state_dict())
-        skip = [k for k in names if k.startswith(head + ".")]
-        if self.transfer is not None:
-            modules = sorted({k.rsplit(".", 1)[0] for k in names})
-            for prefix in self.transfer:
-                if not any(k.startswith(prefix + ".") for k in names):
-                    raise ConfigError(
-                        self.key_of("transfer"),
-                        self.transfer,
-                        f"module names of {type(model).__name__} (or their parents): "
-                        + ", ".join(modules),
-                    )
-            taken = tuple(prefix + "." for prefix in self.transfer)
-            skip += [k for k in names if not k.startswith(taken) and k not in skip]
+        taken = tuple(p + "." for p in self.transfer) if self.transfer is not None else ("",)
+        for prefix in taken if self.transfer is not None else ():
+            if not any(k.startswith(prefix) for k in names):
+                modules = sorted({k.rsplit(".", 1)[0] for k in names})
+                raise ConfigError(
+                    self.key_of("transfer"),
+                    self.transfer,
+                    f"module names of {type(model).__name__} (or their parents): "
+                    + ", ".join(modules),
+                )
+        skip = [k for k in names if k.startswith(head + ".") or not k.startswith(taken)]
         self.transferred = {k for k in names if k not in skip}
         shrink_to_fit(model, state, self.data.input_shape, skip)
         for name in skip:
