@@ -149,9 +149,10 @@ class Finetune(Method):
         head = classifier_head(model)
         state = read_state_dict(path, key)
         names = list(model.state_dict())
-        taken = tuple(p + "." for p in self.transfer) if self.transfer is not None else ("",)
-        for prefix in taken if self.transfer is not None else ():
-            if not any(k.startswith(prefix) for k in names):
+        taken: tuple[str, ...] = ("",)  # every tensor, by default
+        if self.transfer is not None:
+            taken = tuple(prefix + "." for prefix in self.transfer)
+            if not all(any(k.startswith(prefix) for k in names) for prefix in taken):
                 modules = sorted({k.rsplit(".", 1)[0] for k in names})
                 raise ConfigError(
                     self.key_of("transfer"),
