@@ -49,6 +49,22 @@ def test_system_metrics_dataset_input_and_registered_model(tmp_path: Path) -> No
     assert run.data.tags["kdexp.registered_model"] == f"digits-mlp/{version.version}"
     assert f"#/experiments/{experiment}/runs" in done.stdout  # the runs page, not GenAI's
 
+    # The printed link opens the experiment's saved view, whose chart sections put the curves
+    # first (tests/test_ui.py checks the page itself in a browser).
+    assert "runs?viewStateShareKey=kdexp&compareRunsMode=CHART" in done.stdout
+    view = client.get_experiment(experiment).tags["mlflow.sharedViewState.kdexp"]
+    envelope = json.loads(view)
+    assert envelope["name"] == "kdexp: curves first" and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    sections = [section["name"] for section in state["compareRunSections"]]
+    assert sections[:2] == ["train", "val"] and sections[-1] == "System metrics"
+    assert sections.index("Model metrics") < sections.index("best") < sections.index("model")
+    assert set(sections) == {
+        "System metrics" if k.startswith("system/") else k.rpartition("/")[0] or "Model metrics"
+        for k in run.data.metrics
+    }
+    assert state["isAccordionReordered"] is True and state["compareRunCharts"] == []
+
 
 @pytest.mark.slow
 def test_system_metrics_switch_off(tmp_path: Path) -> None:
@@ -99,3 +115,41 @@ def test_learning_curves_show_every_loss_term(tmp_path: Path, monkeypatch) -> No
     assert list(terms.lines[1].get_ydata()) == [2.0, 1.95, 1.9]
     assert loss.get_legend_handles_labels()[1] == ["train/epoch_loss", "val/loss"]
     assert list(accuracy.lines[0].get_xdata()) == [0, 1, 2]  # epochs from 0, as in MLflow
+
+
+class _Recorder:
+    """A client that records set_experiment_tag, or refuses it."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.tags: dict[str, str] = {}
+        self.refuse = refuse
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        if self.refuse:
+            raise PermissionError("read-only")
+        self.tags[key] = value
+
+
+def test_a_saved_view_grows_with_new_sections_and_is_not_rewritten_otherwise() -> None:
+    from kdexp.tracking.extras import publish_view, view_sections
+
+    client = _Recorder()
+    tag = "mlflow.sharedViewState.kdexp"
+    keys = {"train/loss", "val/acc1", "test/acc1", "epoch"}
+    assert publish_view(client, "1", "kdexp", "v", keys) == "kdexp"
+    assert view_sections(client.tags[tag]) == {"train", "val", "test", "Model metrics"}
+
+    existing = dict(client.tags)
+    client.tags.clear()  # the same sections again: nothing written
+    assert publish_view(client, "1", "kdexp", "v", {"train/loss"}, existing=existing) == "kdexp"
+    assert client.tags == {}
+
+    # a pruning run adds sparsity/ and a method's own prefix: the view keeps what it had
+    more = {"sparsity/global", "mine/thing", "train/loss"}
+    assert publish_view(client, "1", "kdexp", "v", more, existing=existing) == "kdexp"
+    state = json.loads(json.loads(client.tags[tag])["state"])
+    order = [section["name"] for section in state["compareRunSections"]]
+    assert order == ["train", "val", "sparsity", "Model metrics", "test", "mine"]
+
+    # a store that refuses the tag: no view, and the caller links the plain page
+    assert publish_view(_Recorder(refuse=True), "1", "kdexp", "v", keys) is None

@@ -1,5 +1,6 @@
 """The MLflow UI in a real headless browser (Debian's ``chromium``): the link kdexp prints at the
-end of a sweep opens the runs page, where the sweep's runs can be told apart (issue 14).
+end of a sweep opens the runs page on the sweep's saved view, where its runs can be told apart
+and the first chart sections are the curves (issue 14).
 
 Skipped, saying why, when no chromium is installed (``.ci/run`` installs it).
 """
@@ -56,6 +57,7 @@ def test_the_printed_link_opens_the_runs_page_with_runs_told_apart(
     assert found, done.stdout
     link = found.group(1)
     assert link.startswith(f"{mlflow_server}/#/experiments/") and "/runs?" in link
+    assert "viewStateShareKey=sweep-" in link and "compareRunsMode=CHART" in link
     assert re.search(r"kdexp: tables and plots: kdexp-report --sweep \S+", done.stdout)
 
     screenshot = tmp_path / "runs.png"
@@ -70,3 +72,13 @@ def test_the_printed_link_opens_the_runs_page_with_runs_told_apart(
     for name in names:  # each run is listed (flat: a filtered page does not fold them)
         assert dom.count(name) >= 1, name
     assert "sweep baseline lr=0.05,0.1 seed=0,1" in dom
+    assert "viewing a shared view" in dom  # the saved view was found and applied
+
+    # The chart sections, in the order the page shows them: the curves first, then the
+    # end-of-run bars (MLflow's own order would be alphabetical: best, last, model, test, ...).
+    text = re.sub(r"\s*\|[\s|]*", "|", re.sub(r"<[^>]+>", "|", dom))
+    shown = re.findall(r"\|([A-Za-z][\w /]*?)\|\((\d+)\)\|", text)
+    order = [name for name, count in shown if int(count) > 0]
+    assert order[:2] == ["train", "val"], shown
+    assert order.index("val") < order.index("best") < order.index("model"), shown
+    assert all(int(count) > 0 for _, count in shown), shown  # no empty section is listed

@@ -185,17 +185,28 @@ def _print_next_steps(
 ) -> None:
     """Where to compare the sweep's runs: the UI's runs page, and the kdexp-report command."""
     from kdexp.sweep import sweep_id
-    from kdexp.tracking.extras import runs_page
+    from kdexp.tracking.extras import publish_view, runs_page
     from kdexp.tracking.store import default_uri
 
     uri = tracking.get("uri") or default_uri()
     try:
         from mlflow.tracking import MlflowClient
 
-        experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+        client = MlflowClient(tracking_uri=uri)
+        parent = client.get_run(run_id)
     except Exception:  # the store is away: the table above is what there is
         return
+    experiment_id = parent.info.experiment_id
     identifier = sweep_id(folder)
+    search = f"tags.sweep_id = '{identifier}'"
+    order_by = objective if isinstance(objective, str) else objective[0]
+    name = parent.info.run_name or f"sweep {identifier}"
+    try:  # the view's chart sections: one per metric prefix the sweep's runs logged
+        runs = client.search_runs([experiment_id], search, max_results=5000)
+        keys = {key for run in runs for key in run.data.metrics}
+    except Exception:
+        keys = set()
+    view = publish_view(client, experiment_id, f"sweep-{identifier}", name, keys, search, order_by)
     command = ["kdexp-report", "--sweep", identifier]
     if tracking.get("uri"):
         command += ["--tracking-uri", str(uri)]
@@ -203,12 +214,7 @@ def _print_next_steps(
         command += ["--experiment", str(tracking.get("experiment"))]
     print(
         "kdexp: compare the sweep's runs at "
-        + runs_page(
-            uri,
-            experiment_id,
-            search=f"tags.sweep_id = '{identifier}'",
-            order_by=objective if isinstance(objective, str) else objective[0],
-        )
+        + runs_page(uri, experiment_id, search=search, order_by=order_by, view=view)
         + "\n"
         f"kdexp: tables and plots: {' '.join(shlex.quote(w) for w in command)}",
         flush=True,

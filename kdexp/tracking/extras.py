@@ -68,30 +68,159 @@ _LOWER_IS_BETTER = ("loss", "latency", "size", "params", "flops", "time")
 
 
 def runs_page(
-    uri: str, experiment_id: str, search: str | None = None, order_by: str | None = None
+    uri: str,
+    experiment_id: str,
+    search: str | None = None,
+    order_by: str | None = None,
+    view: str | None = None,
 ) -> str:
-    """The URL of the experiment's runs table in the MLflow UI (``#/experiments/<id>/runs``;
+    """The URL of the experiment's runs page in the MLflow UI (``#/experiments/<id>/runs``;
     the experiment's own URL opens MLflow 3's GenAI overview).
 
-    ``search`` is an MLflow filter (``tags.sweep_id = '...'``) and ``order_by`` a metric to sort
-    by, best first. With either, the UI lists the runs flat instead of folded under their parent.
-    For a tracking server the URL is on that server; for a SQLite store, on ``mlflow ui``'s
-    default address, with the command that serves it.
+    With ``view``, the key of a saved view (:func:`publish_view`), the page opens on its charts
+    with that view's runs and section order. Otherwise ``search`` is an MLflow filter
+    (``tags.sweep_id = '...'``) and ``order_by`` a metric to sort by, best first; with either, the
+    UI lists the runs flat instead of folded under their parent. For a tracking server the URL is
+    on that server; for a SQLite store, on ``mlflow ui``'s default address, with the command that
+    serves it.
     """
     from urllib.parse import quote, urlencode
 
-    query = {}
-    if search:
-        query["searchFilter"] = search
-    if order_by:
-        query["orderByKey"] = f"metrics.`{order_by}`"
-        query["orderByAsc"] = str(any(w in order_by for w in _LOWER_IS_BETTER)).lower()
+    query: dict[str, str] = {}
+    if view:  # a search facet in the URL would make the UI ignore the view
+        query = {"viewStateShareKey": view, "compareRunsMode": "CHART"}
+    else:
+        if search:
+            query["searchFilter"] = search
+        if order_by:
+            query["orderByKey"] = f"metrics.`{order_by}`"
+            query["orderByAsc"] = str(any(w in order_by for w in _LOWER_IS_BETTER)).lower()
     path = f"#/experiments/{experiment_id}/runs"
     if query:
         path += "?" + urlencode(query, quote_via=quote)
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"
     return f"http://127.0.0.1:5000/{path} (after: mlflow ui --backend-store-uri {uri})"
+
+
+#: The chart sections of kdexp's saved views, in order: the curves (metrics logged every step or
+#: epoch), then the end-of-run values (bar charts), then MLflow's system metrics. A section not
+#: listed (a method's own prefix) goes just before the system metrics.
+CHART_SECTIONS = (
+    "train",
+    "val",
+    "sparsity",
+    "Model metrics",  # MLflow's section of keys without a prefix: epoch, epoch_time_s
+    "test",
+    "best",
+    "last",
+    "teacher",
+    "model",
+    "prune",
+    "quant",
+    "onnx",
+    "sweep",
+    "System metrics",
+)
+
+#: MLflow 3's UI keeps a saved view of its runs page in an experiment tag of this prefix; the
+#: page opens it with ``?viewStateShareKey=<the rest of the key>``.
+VIEW_TAG = "mlflow.sharedViewState."
+
+
+def chart_section(key: str) -> str:
+    """The chart section MLflow's UI puts a metric in: its prefix up to the last ``/``, "Model
+    metrics" for a key without one, "System metrics" for ``system/*``."""
+    if key.startswith("system/"):
+        return "System metrics"
+    return key.rpartition("/")[0] or "Model metrics"
+
+
+def _section_rank(section: str) -> tuple[float, str]:
+    if section in CHART_SECTIONS:
+        return float(CHART_SECTIONS.index(section)), section
+    return len(CHART_SECTIONS) - 1.5, section  # unknown: after the known, before system metrics
+
+
+def saved_view(
+    name: str,
+    sections: set[str],
+    search: str | None = None,
+    order_by: str | None = None,
+    now_ms: int | None = None,
+) -> str:
+    """The value of an MLflow saved view (experiment tag :data:`VIEW_TAG` + key): the runs
+    page's chart ``sections`` in :data:`CHART_SECTIONS` order, kept in that order
+    (``isAccordionReordered``) instead of MLflow's alphabetical one, so that the first screen of
+    charts holds the curves; and, with ``search`` / ``order_by``, the runs it lists.
+
+    The envelope (name, createdAt, updatedAt, and the state as a JSON string) is the one MLflow
+    3.17's UI writes for the views it saves. Charts are left to the UI, which adds one per metric
+    to its section: a line chart for a metric logged at several steps, a bar chart for an
+    end-of-run value.
+    """
+    state: dict[str, Any] = {
+        "compareRunSections": [
+            {
+                "uuid": f"kdexp-{section}",
+                "name": section,
+                "display": True,
+                "isReordered": False,
+                "deleted": False,
+                "isGenerated": True,
+            }
+            for section in sorted(sections, key=_section_rank)
+        ],
+        "compareRunCharts": [],
+        "isAccordionReordered": True,
+    }
+    if search:
+        state["searchFilter"] = search
+    if order_by:
+        state["orderByKey"] = f"metrics.`{order_by}`"
+        state["orderByAsc"] = any(w in order_by for w in _LOWER_IS_BETTER)
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    envelope = {"name": name, "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)}
+    return json.dumps(envelope)
+
+
+def view_sections(value: str) -> set[str]:
+    """The chart sections a saved view (the tag's value) lists; empty if it cannot be read."""
+    try:
+        state = json.loads(json.loads(value)["state"])
+        return {section["name"] for section in state["compareRunSections"]}
+    except (ValueError, KeyError, TypeError):
+        return set()
+
+
+def publish_view(
+    client: Any,
+    experiment_id: str,
+    key: str,
+    name: str,
+    metric_keys: set[str],
+    search: str | None = None,
+    order_by: str | None = None,
+    existing: Mapping[str, str] | None = None,
+) -> str | None:
+    """Save :func:`saved_view` in the experiment under ``key`` (listed in the UI's saved views),
+    with a section for each of ``metric_keys`` and every section it had; return ``key``, or None
+    where the store refused it (the caller links the plain runs page). ``existing``, the
+    experiment's tags, skips the write when the view there already has every section.
+    """
+    tag = VIEW_TAG + key
+    sections = {chart_section(k) for k in metric_keys}
+    if existing is not None and tag in existing:
+        had = view_sections(existing[tag])
+        if sections <= had:
+            return key
+        sections |= had
+    try:
+        client.set_experiment_tag(experiment_id, tag, saved_view(name, sections, search, order_by))
+    except Exception as error:  # a read-only store or an older server: the plain link stays
+        log.debug("saved view %s not written: %s", key, error)
+        return None
+    return key
 
 
 def count_samples(split: object) -> int | None:

@@ -22,6 +22,7 @@ from kdexp.timings import phase
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.extras import (
     dataset_input,
+    publish_view,
     runs_page,
     start_system_metrics,
 )
@@ -128,6 +129,7 @@ class MlflowTracker(Tracker):
         self._monitor: object | None = None
         self._trained_for = False
         self._stepped: set[str] = set()  # metric keys logged at a step > 0
+        self._keys: set[str] = set()  # every metric key logged (the saved view's chart sections)
         limit_http_retries(self.uri)
         self.experiment = experiment
         self.artifact_root = artifact_root
@@ -153,12 +155,20 @@ class MlflowTracker(Tracker):
         try:
             from mlflow.tracking import MlflowClient
 
-            found = MlflowClient(tracking_uri=self.uri).get_experiment_by_name(self.experiment)
+            client = MlflowClient(tracking_uri=self.uri)
+            found = client.get_experiment_by_name(self.experiment)
         except Exception:  # the store is away: the line still says where the records wait
             return where
         if found is None:
             return where
-        return f"{where}\nkdexp: compare runs at {runs_page(self.uri, found.experiment_id)}"
+        keys = set(self._keys)
+        if self.system_metrics:  # MLflow's monitor logs system/* itself
+            keys.add("system/cpu_utilization_percentage")
+        view = publish_view(
+            client, found.experiment_id, "kdexp", "kdexp: curves first", keys, existing=found.tags
+        )
+        page = runs_page(self.uri, found.experiment_id, view=view)
+        return f"{where}\nkdexp: compare runs at {page}"
 
     @contextmanager
     def run(
@@ -269,6 +279,7 @@ class MlflowTracker(Tracker):
         now = int(time.time() * 1000)
         if step > 0:
             self._stepped.update(metrics)
+        self._keys.update(metrics)
         logged = self._logged
         self._buffer.extend(
             {"m": [k, float(v), now, step]}
