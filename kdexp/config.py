@@ -4,16 +4,20 @@ flattening of a config into MLflow params."""
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdexp.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved: kdexp-report needs none
+    import torch
 
 
 def _positive(cfg: DictConfig, key: str, kind: type) -> None:
@@ -94,6 +98,8 @@ def _check_source(key: str, value: object) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; a named device must be available."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -169,10 +175,12 @@ def canonical(value: object) -> object:
     return value
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def canonical_text(text: str) -> str:
     """A param's text in canonical form (:func:`canonical`): ``"4.0"`` -> ``"4"``,
     ``"[256,256]"`` -> ``"[256, 256]"``; text that is not a number or a list of numbers and
-    strings is returned as it is. For params logged before kdexp canonicalised them."""
+    strings is returned as it is. For params logged before kdexp canonicalised them. Cached: a
+    report over thousands of runs sees the same few values again and again."""
     stripped = text.strip()
     if not stripped or stripped[0] not in "-+.0123456789[(":
         return text
