@@ -15,7 +15,9 @@ takes the better part of an hour for 10,000 runs on a loaded 2-core machine.
 It then times, alternating between the stores, as whole processes: ``kdexp-report`` over the
 whole experiment (target <= 30 s at 10,000 runs), ``kdexp-report --sweep`` of the 8-run sweep,
 and a lineage lookup (``MlflowTracker.find_finished``, timed inside its process once the store
-is open). Targets: the sweep's report and the lookup within 1.5x of the empty store.
+is open). Targets: the sweep's report and the lookup within 1.5x of the empty store. It also
+times, inside a process, the part of the whole report that is MLflow's: ``search_runs`` paging
+through every run (``kdexp.tracking.query.load_runs``), the report's floor.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ EXPERIMENT = "kdexp"
 SWEEP = "bench-sweep"
 LINEAGE = "bench-lineage-target"
 HISTORIES = ("val/acc1", "val/loss", "train/loss")
+SEARCH = """
+import sys, time
+from kdexp.tracking.query import load_runs
+from kdexp.tracking.store import mlflow_client
+mlflow_client(sys.argv[1])  # the store opened, as the report has it
+start = time.perf_counter()
+found = load_runs(sys.argv[1], "kdexp", "", statuses=("FINISHED", "FAILED"))
+print(time.perf_counter() - start, len(found))
+"""
 LOOKUP = """
 import sys, time
 from kdexp.tracking.mlflow import MlflowTracker, prepare_store
@@ -235,6 +246,15 @@ def main() -> None:
                     wall, _ = _timed(command, work)
                     times.setdefault((task, name), []).append(wall)
                     print(f"round {round_ + 1}: {name:16s} {task:26s} {wall:7.2f} s", flush=True)
+                _, out = _timed([python, "-c", SEARCH, uri], work)
+                seconds, count = out.split()
+                task = "MLflow search_runs, all runs"
+                times.setdefault((task + " (in process)", name), []).append(float(seconds))
+                print(
+                    f"round {round_ + 1}: {name:16s} {task:26s} {float(seconds):7.2f} s "
+                    f"({count} runs)",
+                    flush=True,
+                )
                 _, out = _timed([python, "-c", LOOKUP, uri, LINEAGE], work)
                 seconds, found = out.split()
                 assert found != "None", "the lineage lookup found nothing"
