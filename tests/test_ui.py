@@ -58,6 +58,7 @@ def test_the_printed_link_opens_the_runs_page_with_runs_told_apart(
     link = found.group(1)
     assert link.startswith(f"{mlflow_server}/#/experiments/") and "/runs?" in link
     assert "viewStateShareKey=sweep-" in link and "compareRunsMode=CHART" in link
+    assert "View experiment at" not in done.stdout  # MLflow's own link: the GenAI overview
     assert re.search(r"kdexp: tables and plots: kdexp-report --sweep \S+", done.stdout)
 
     screenshot = tmp_path / "runs.png"
