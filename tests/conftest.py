@@ -39,19 +39,6 @@ def _share_the_cores() -> None:
 _share_the_cores()
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long tests first, the quick ones last: pytest-xdist hands tests out in this order, so
-    the workers end together instead of one finishing the slow end-to-end tests alone. First the
-    tests that must share one worker (``xdist_group``), then the ``slow`` ones; otherwise in
-    collection order."""
-    items.sort(
-        key=lambda item: (
-            item.get_closest_marker("xdist_group") is None,
-            item.get_closest_marker("slow") is None,
-        )
-    )
-
-
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Iterator:
     """``compose_cfg(*overrides)``: the composed config with Hydra's node set, as a job sees it."""
