@@ -18,18 +18,23 @@ import logging
 import signal
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from kdexp.resume import Interrupted, hand_over
 from kdexp.sweep import record_requeue, record_stopped, request_stop
+
+if TYPE_CHECKING:  # kdexp.resume imports torch, which a sweep's launching process does not need
+    from kdexp.resume import Interrupted
 
 log = logging.getLogger(__name__)
 
 
 def job_stopped(stop: Interrupted) -> None:
     """Record a stopped multirun job (see the module); returns None, the job's value to Hydra."""
+    from kdexp.resume import hand_over
+
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)

@@ -1,0 +1,93 @@
+"""joblib's workers start with torch, MLflow and kdexp already imported (:class:`WarmWorkers`).
+
+joblib (loky) starts each worker as a new interpreter, which imports torch, MLflow and kdexp again
+before its first job: about 4 s of one core, as long as several small jobs. With Hydra's joblib
+launcher, :class:`WarmWorkers` has loky fork its workers from Python's forkserver instead
+(:func:`multiprocessing.set_forkserver_preload`), started as the sweep starts with
+:data:`WORKER_PRELOAD` imported once, while the launching process prepares the store.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omegaconf import DictConfig
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra < 1.1
+    Callback = object  # type: ignore[misc,assignment]
+
+#: What a job imports that the launching process does not; the last entry makes the forkserver's
+#: own exit quick (:mod:`kdexp._forkserver`).
+WORKER_PRELOAD = [
+    "kdexp.cli",
+    "kdexp.run",
+    "kdexp.resume",
+    "kdexp.tracking.mlflow",
+    "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.pytorch",
+    "matplotlib.figure",
+    "torch._dynamo",
+    "torch.utils.flop_counter",
+    "kdexp._forkserver",
+]
+#: torch reads them once, at import: the forkserver gets joblib's share of the cores per worker.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_threads(n_jobs: int, cores: int) -> int:
+    """The threads joblib gives each of ``n_jobs`` workers on ``cores`` cores (its own rule:
+    negative ``n_jobs`` counts back from the number of cores)."""
+    workers = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)
+    return max(cores // workers, 1)
+
+
+class WarmWorkers(Callback):  # type: ignore[misc]
+    """Under Hydra's joblib launcher, loky forks its workers from a forkserver that has imported
+    :data:`WORKER_PRELOAD` (see the module).
+
+    The forkserver imports torch with the threads joblib would give each worker
+    (``OMP_NUM_THREADS`` = cores // n_jobs) unless the environment sets them. A start method
+    chosen for loky before the sweep (its ``set_start_method``) is left alone. At the sweep's
+    end the idle workers are stopped at once.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Choose the forkserver for loky and start it, when the launcher is joblib's."""
+        launcher = config.hydra.launcher
+        if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+            return
+        import multiprocessing
+        from multiprocessing import forkserver
+
+        from joblib import cpu_count
+        from joblib.externals.loky.backend.context import get_start_method, set_start_method
+
+        if get_start_method() is not None:
+            return
+        threads = str(worker_threads(int(launcher.get("n_jobs") or 1), cpu_count()))
+        env = {var: os.environ.get(var, threads) for var in THREAD_VARS}
+        set_start_method("forkserver")
+        multiprocessing.set_forkserver_preload(WORKER_PRELOAD)
+        saved = {var: os.environ.get(var) for var in THREAD_VARS}
+        os.environ.update(env)
+        try:
+            forkserver.ensure_running()  # it imports WORKER_PRELOAD while the sweep starts
+        finally:
+            for var, value in saved.items():
+                if value is None:
+                    os.environ.pop(var, None)
+                else:
+                    os.environ[var] = value
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Stop joblib's idle workers: otherwise loky keeps the launching process alive until
+        each worker has torn its interpreter down."""
+        from joblib.externals.loky import reusable_executor
+
+        executor = getattr(reusable_executor, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True, kill_workers=True)

@@ -1,0 +1,77 @@
+"""joblib's workers fork from a forkserver that has imported what a job needs (kdexp.workers),
+and a sweep's launching process does not import torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kdexp.workers import WORKER_PRELOAD, worker_threads
+
+# Run in a fresh interpreter: the forkserver and loky's start method are process-wide.
+PROBE = """
+import json, sys
+from joblib import Parallel, cpu_count, delayed
+from omegaconf import OmegaConf
+from kdexp.workers import WarmWorkers
+
+def probe():
+    import sys
+    preloaded = [name for name in sys.argv[1:] if name in sys.modules]
+    import torch
+    return preloaded, torch.get_num_threads()
+
+launcher = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+config = OmegaConf.create({"hydra": {"launcher": {"_target_": launcher, "n_jobs": 2}}})
+callback = WarmWorkers()
+callback.on_multirun_start(config)
+found = Parallel(n_jobs=2)(delayed(probe)() for _ in range(4))
+callback.on_multirun_end(config)
+print(json.dumps({"found": found, "cores": cpu_count(), "torch_here": "torch" in sys.modules}))
+"""
+
+
+def test_joblib_workers_start_with_the_jobs_modules_and_joblibs_share_of_threads() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    names = [name for name in WORKER_PRELOAD if not name.startswith("kdexp._")]
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *names], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for preloaded, threads in result["found"]:
+        assert preloaded == names  # imported before the job's function ran
+        assert threads == worker_threads(2, result["cores"])
+    assert result["torch_here"] is False  # only the forkserver and its workers imported torch
+
+
+@pytest.mark.parametrize(
+    ("n_jobs", "cores", "threads"),
+    [(2, 2, 1), (2, 8, 4), (3, 8, 2), (16, 8, 1), (-1, 8, 1), (-2, 8, 1), (-5, 8, 2)],
+)
+def test_worker_threads_follow_joblibs_rule(n_jobs: int, cores: int, threads: int) -> None:
+    assert worker_threads(n_jobs, cores) == threads
+
+
+def test_a_sweeps_launching_process_does_not_import_torch() -> None:
+    # What the callbacks of conf/hydra/default.yaml import before and after the jobs.
+    modules = [
+        "kdexp.cli",
+        "kdexp.search",
+        "kdexp.stopping",
+        "kdexp.sweep",
+        "kdexp.naming",
+        "kdexp.workers",
+        "kdexp.tracking.callback",
+        "kdexp.tracking.extras",
+        "kdexp.tracking.liveness",
+        "kdexp.tracking.store",
+    ]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
