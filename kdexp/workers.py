@@ -9,6 +9,7 @@ launcher, :class:`WarmWorkers` has loky fork its workers from Python's forkserve
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,6 +19,8 @@ try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - hydra < 1.1
     Callback = object  # type: ignore[misc,assignment]
+
+log = logging.getLogger(__name__)
 
 #: What a job imports first that the launching process does not; the last entry makes the
 #: forkserver's own exit quick (:mod:`kdexp._forkserver`). What a job imports later (torch.export
@@ -53,8 +56,9 @@ class WarmWorkers(Callback):  # type: ignore[misc]
 
     The forkserver imports torch with the threads joblib would give each worker
     (``OMP_NUM_THREADS`` = cores // n_jobs) unless the environment sets them. A start method
-    chosen for loky before the sweep (its ``set_start_method``) is left alone. At the sweep's
-    end the idle workers are stopped at once.
+    chosen for loky before the sweep (its ``set_start_method``) is left alone, and where there is
+    no forkserver (Windows) loky starts its workers as before. At the sweep's end the idle workers
+    are stopped at once.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -68,8 +72,11 @@ class WarmWorkers(Callback):  # type: ignore[misc]
         from joblib import cpu_count
         from joblib.externals.loky.backend.context import get_start_method, set_start_method
 
-        if get_start_method() is not None:
-            return
+        if (
+            get_start_method() is not None
+            or "forkserver" not in multiprocessing.get_all_start_methods()
+        ):
+            return  # chosen by the user, or Windows: loky's own start method
         threads = str(worker_threads(int(launcher.get("n_jobs") or 1), cpu_count()))
         env = {var: os.environ.get(var, threads) for var in THREAD_VARS}
         set_start_method("forkserver")
@@ -78,6 +85,9 @@ class WarmWorkers(Callback):  # type: ignore[misc]
         os.environ.update(env)
         try:
             forkserver.ensure_running()  # it imports WORKER_PRELOAD while the sweep starts
+        except OSError as error:  # no forkserver here: loky starts its workers as before
+            set_start_method(None, force=True)
+            log.warning("joblib: workers start without preloaded modules (%s)", error)
         finally:
             for var, value in saved.items():
                 if value is None:

@@ -75,3 +75,28 @@ def test_a_sweeps_launching_process_does_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_without_a_forkserver_loky_starts_its_workers_as_before(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from multiprocessing import forkserver
+
+    from joblib.externals.loky.backend.context import get_start_method
+    from omegaconf import OmegaConf
+
+    from kdexp.workers import WarmWorkers
+
+    def refuse() -> None:
+        raise OSError("no forkserver here")
+
+    monkeypatch.setattr(forkserver, "ensure_running", refuse)
+    # restored after the test: the preload list is process-wide
+    monkeypatch.setattr(forkserver._forkserver, "_preload_modules", ["__main__"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    launcher = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    config = OmegaConf.create({"hydra": {"launcher": {"_target_": launcher, "n_jobs": 2}}})
+    WarmWorkers().on_multirun_start(config)
+    assert get_start_method() is None  # loky's default again
+    assert "OMP_NUM_THREADS" not in os.environ  # set for the forkserver only, then restored
+    assert "workers start without preloaded modules (no forkserver here)" in caplog.text
