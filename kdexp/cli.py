@@ -7,6 +7,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +16,9 @@ from omegaconf import DictConfig
 
 from hydra_plugins.kdexp_optuna_sweeper import register as _register_sweeper
 from kdexp.errors import ConfigError
+
+if TYPE_CHECKING:  # kdexp.resume imports torch: `kdexp --help` stays fast
+    from kdexp.resume import Interrupted
 
 _register_sweeper()  # hydra/sweeper=kdexp_optuna, also from an editable install
 
@@ -59,11 +63,7 @@ def app(cfg: DictConfig) -> float | list[float] | None:
             _remove_job_files()
         return objective
     except Interrupted as stop:
-        print(
-            f"kdexp: {stop}; checkpoint in {stop.checkpoint}\nkdexp: resume with: {stop.command}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(_stopped_message(stop), file=sys.stderr, flush=True)
         if _in_multirun():  # issue 16: requeued, or recorded KILLED; the sweep goes on or stops
             from kdexp.stopping import job_stopped
 
@@ -108,6 +108,15 @@ def entry() -> None:
             exit_now(stop.code or 0)
         raise  # a message for the interpreter to print
     exit_now(0)
+
+
+def _stopped_message(stop: Interrupted) -> str:
+    """What a stopped job prints: its checkpoint and how to resume, or that it had not begun
+    (a sweep stopped before this job started)."""
+    if not stop.command:
+        return f"kdexp: {stop}: the job had not begun; nothing to resume"
+    where = f"; checkpoint in {stop.checkpoint}" if stop.checkpoint is not None else ""
+    return f"kdexp: {stop}{where}\nkdexp: resume with: {stop.command}"
 
 
 def _in_multirun() -> bool:

@@ -177,3 +177,24 @@ def test_a_job_that_does_not_compose_leaves_no_parent_run_running(tmp_path: Path
     assert done.returncode == 2, done.stderr
     assert "prune/no_such_method" in done.stderr and "prune/magnitude" in done.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_stopped_job_says_how_to_resume_or_that_it_had_not_begun() -> None:
+    from kdexp.cli import _stopped_message
+    from kdexp.resume import Interrupted
+
+    begun = Interrupted(signal.SIGINT, 607, Path("out/checkpoints/last.pt"))
+    begun.command = "kdexp seed=1 resume=0da3"
+    assert _stopped_message(begun) == (
+        "kdexp: stopped by SIGINT at step 607; checkpoint in out/checkpoints/last.pt\n"
+        "kdexp: resume with: kdexp seed=1 resume=0da3"
+    )
+    no_checkpoint = Interrupted(signal.SIGTERM, 0, None)
+    no_checkpoint.command = "kdexp seed=1 resume=0da3"
+    assert _stopped_message(no_checkpoint) == (
+        "kdexp: stopped by SIGTERM at step 0\nkdexp: resume with: kdexp seed=1 resume=0da3"
+    )
+    # a job of a stopped sweep that never started: no "checkpoint in None", no empty command
+    assert _stopped_message(Interrupted(signal.SIGINT, 0, None)) == (
+        "kdexp: stopped by SIGINT at step 0: the job had not begun; nothing to resume"
+    )
