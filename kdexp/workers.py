@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 #: What a job imports first that the launching process does not; the last entry makes the
 #: forkserver's own exit quick (:mod:`kdexp._forkserver`). What a job imports later (torch.export
-#: and mlflow.pyfunc for the logged model, about 1.5 s) is left to the workers: preloading it too
-#: made the first jobs start later, and the 8-job sweep slower (0.82-0.90x against 0.76-0.81x).
+#: and mlflow.pyfunc for the logged model, about 1.5 s) is left to the workers, which import it
+#: side by side: preloading it too made the first jobs start 1.5 s later and the sweep no faster.
 WORKER_PRELOAD = [
     "kdexp.cli",
     "kdexp.run",
