@@ -15,21 +15,23 @@ from kdexp.workers import WORKER_PRELOAD, worker_threads
 # Run in a fresh interpreter: the forkserver and loky's start method are process-wide.
 PROBE = """
 import json, sys
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
 from joblib import Parallel, cpu_count, delayed
-from omegaconf import OmegaConf
-from kdexp.workers import WarmWorkers
 
-def probe():
+def probe(names):
     import sys
-    preloaded = [name for name in sys.argv[1:] if name in sys.modules]
+    preloaded = [name for name in names if name in sys.modules]
     import torch
     return preloaded, torch.get_num_threads()
 
-launcher = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
-config = OmegaConf.create({"hydra": {"launcher": {"_target_": launcher, "n_jobs": 2}}})
-callback = WarmWorkers()
+# the sweep's config as the kdexp command composes it, and the callback it names
+with initialize_config_module(config_module="kdexp.conf", version_base="1.3"):
+    overrides = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    config = compose("train", overrides=overrides, return_hydra_config=True)
+callback = instantiate(config.hydra.callbacks.warm_workers)
 callback.on_multirun_start(config)
-found = Parallel(n_jobs=2)(delayed(probe)() for _ in range(4))
+found = Parallel(n_jobs=2)(delayed(probe)(sys.argv[1:]) for _ in range(4))
 callback.on_multirun_end(config)
 print(json.dumps({"found": found, "cores": cpu_count(), "torch_here": "torch" in sys.modules}))
 """
