@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
@@ -32,6 +33,7 @@ def main() -> None:
     """
     from kdexp.preflight import check_command_line
 
+    whole_lines(sys.__stdout__, sys.__stderr__)
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as error:
@@ -56,6 +58,7 @@ def app(cfg: DictConfig) -> float | list[float] | None:
     from kdexp.run import run  # imported here so that `kdexp --help` stays fast
 
     timings.mark_started()
+    whole_lines(sys.__stdout__, sys.__stderr__)  # also in a parallel launcher's workers
 
     try:
         objective = run(cfg)
@@ -108,6 +111,20 @@ def entry() -> None:
             exit_now(stop.code or 0)
         raise  # a message for the interpreter to print
     exit_now(0)
+
+
+def whole_lines(*streams: object) -> None:
+    """Make each line printed to ``streams`` reach its file in one write.
+
+    Unbuffered, as ``PYTHONUNBUFFERED=1`` or ``python -u`` make them (common in containers and
+    SLURM scripts), ``print`` writes a line and its newline separately, and the parallel jobs of
+    a sweep that share one stderr can join two messages on one line. Line-buffered instead, each
+    line is still written as soon as it ends. The CLI passes the process's own streams
+    (``sys.__stdout__``, ``sys.__stderr__``), not whatever replaced them (pytest's capture).
+    """
+    for stream in streams:
+        if isinstance(stream, io.TextIOWrapper) and stream.write_through:
+            stream.reconfigure(write_through=False, line_buffering=True)
 
 
 def _stopped_message(stop: Interrupted) -> str:

@@ -1,8 +1,9 @@
 """joblib's workers fork from a forkserver that has imported what a job needs (kdexp.workers),
-and a sweep's launching process does not import torch."""
+a sweep's launching process does not import torch, and parallel jobs' lines stay whole."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -102,3 +103,31 @@ def test_without_a_forkserver_loky_starts_its_workers_as_before(
     assert get_start_method() is None  # loky's default again
     assert "OMP_NUM_THREADS" not in os.environ  # set for the forkserver only, then restored
     assert "workers start without preloaded modules (no forkserver here)" in caplog.text
+
+
+class _Writes(io.RawIOBase):
+    """A file that records each write it receives."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[no-untyped-def,override]
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+def test_each_printed_line_is_one_write_even_when_python_runs_unbuffered() -> None:
+    from kdexp.cli import whole_lines
+
+    raw = _Writes()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)  # as under python -u
+    print("kdexp: error: one", file=stream, flush=True)
+    assert raw.writes == [b"kdexp: error: one", b"\n"]  # two writes: another job's can fall between
+    raw.writes.clear()
+    whole_lines(stream)
+    print("kdexp: error: two", file=stream, flush=True)
+    print("kdexp: error: three", file=stream)  # no flush asked: the newline flushes it
+    assert raw.writes == [b"kdexp: error: two\n", b"kdexp: error: three\n"]
