@@ -78,22 +78,18 @@ class WarmWorkers(Callback):  # type: ignore[misc]
         ):
             return  # chosen by the user, or Windows: loky's own start method
         threads = str(worker_threads(int(launcher.get("n_jobs") or 1), cpu_count()))
-        env = {var: os.environ.get(var, threads) for var in THREAD_VARS}
+        missing = [var for var in THREAD_VARS if var not in os.environ]  # set ones are kept
         set_start_method("forkserver")
         multiprocessing.set_forkserver_preload(WORKER_PRELOAD)
-        saved = {var: os.environ.get(var) for var in THREAD_VARS}
-        os.environ.update(env)
+        os.environ.update(dict.fromkeys(missing, threads))  # for the forkserver only
         try:
             forkserver.ensure_running()  # it imports WORKER_PRELOAD while the sweep starts
         except OSError as error:  # no forkserver here: loky starts its workers as before
             set_start_method(None, force=True)
             log.warning("joblib: workers start without preloaded modules (%s)", error)
         finally:
-            for var, value in saved.items():
-                if value is None:
-                    os.environ.pop(var, None)
-                else:
-                    os.environ[var] = value
+            for var in missing:
+                del os.environ[var]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Stop joblib's idle workers: otherwise loky keeps the launching process alive until
