@@ -91,6 +91,27 @@ def test_good_command_lines_pass() -> None:
     check_command_line(["--help"])
 
 
+def test_a_good_command_line_is_composed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hydra
+
+    composed: list[list[str]] = []
+    compose = hydra.compose
+
+    def counting(name: str, overrides: list[str], **kwargs: object) -> object:
+        composed.append(list(overrides))
+        return compose(name, overrides=overrides, **kwargs)
+
+    monkeypatch.setattr(hydra, "compose", counting)
+    check_command_line(["method=distill/kd", "method.T=8", "schedule.epochs=3"])
+    assert composed == [["method=distill/kd", "method.T=8", "schedule.epochs=3"]]
+    composed.clear()  # a mistake is still explained key by key, from the groups' config
+    assert "did you mean schedule.epochs?" in _error(["schedule.epoch=3"]).accepted
+    assert composed[1:] == [[]]
+    composed.clear()  # an added key is checked against the config without it first
+    check_command_line(["+method.student_layers=[fc]"])
+    assert composed == [[], ["+method.student_layers=[fc]"]]
+
+
 def test_a_hydra_error_is_a_config_error() -> None:
     error = _error(["schedule.epochs=[1,2"])  # the override's syntax
     assert error.key == "override"
