@@ -135,3 +135,86 @@ def test_load_runs_pages_through_the_store(tmp_path: Path, monkeypatch) -> None:
     assert all(r.params["p"] == r.tags["n"] == str(ids[r.run_id]) for r in found)
     both = query.load_runs(uri, "paged", statuses=("FINISHED", "FAILED"))
     assert len(both) == 7 and not any(r.histories for r in both)
+
+
+def _store_of(tmp_path: Path, count: int) -> tuple[str, dict[str, int]]:
+    """A store with ``count`` runs (the last one FAILED), each with a param, a tag and a metric."""
+    from mlflow.entities import Metric, Param
+
+    from kdexp.tracking.mlflow import mlflow_client, prepare_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = prepare_store(uri, "paged")
+    client = mlflow_client(uri)
+    ids = {}
+    for i in range(count):
+        run = client.create_run(experiment, tags={"n": str(i)}, start_time=1_000 + i)
+        client.log_batch(
+            run.info.run_id, metrics=[Metric("test/acc1", i, 0, 0)], params=[Param("p", str(i))]
+        )
+        client.set_terminated(run.info.run_id, "FAILED" if i == count - 1 else "FINISHED")
+        ids[run.info.run_id] = i
+    return uri, ids
+
+
+def test_a_large_store_is_read_by_several_processes_with_the_same_result(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Eleven runs, two to a page, over three readers: this process reads pages 0, 3, ... and
+    two `python -c` readers the others; the result is the one-process read, run for run, in
+    MLflow's order (newest first), for one status and for two."""
+    from kdexp.tracking import query
+
+    uri, ids = _store_of(tmp_path, 11)
+    monkeypatch.setattr(query, "PARALLEL_FROM", 10**9)
+    alone = {
+        s: query.load_runs(uri, "paged", statuses=s)
+        for s in (("FINISHED",), ("FINISHED", "FAILED"))
+    }
+    assert [ids[r.run_id] for r in alone[("FINISHED", "FAILED")]] == list(range(10, -1, -1))
+
+    shares = []
+    read_share = query._read_share
+
+    def spy(*args):
+        shares.append(args[4:])
+        return read_share(*args)
+
+    monkeypatch.setattr(query, "PARALLEL_FROM", 3)
+    monkeypatch.setattr(query, "PARALLEL_PAGE", 2)
+    monkeypatch.setattr(query, "_readers", lambda uri: 3)
+    monkeypatch.setattr(query, "_read_share", spy)
+    for statuses, expected in alone.items():
+        found = query.load_runs(uri, "paged", statuses=statuses)
+        assert [(r.run_id, r.status, r.params, r.tags, r.metrics) for r in found] == [
+            (r.run_id, r.status, r.params, r.tags, r.metrics) for r in expected
+        ]
+    assert shares == [(0, 3, 2), (0, 3, 2)]  # this process read only its own share
+
+
+def test_a_failed_reader_leaves_the_whole_read_to_this_process(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    from kdexp.tracking import query
+
+    uri, ids = _store_of(tmp_path, 5)
+    monkeypatch.setattr(query, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(query, "PARALLEL_PAGE", 1)
+    monkeypatch.setattr(query, "_readers", lambda uri: 2)
+    monkeypatch.setattr(query, "_READER", "import sys; sys.exit('no kdexp here')")
+    with caplog.at_level("WARNING", logger="kdexp.tracking.query"):
+        found = query.load_runs(uri, "paged", statuses=("FINISHED", "FAILED"))
+    assert [ids[r.run_id] for r in found] == [4, 3, 2, 1, 0]
+    assert "no kdexp here" in caplog.text
+
+
+def test_readers_one_per_core_for_a_database_one_for_a_server(monkeypatch) -> None:
+    from kdexp.tracking import query
+
+    monkeypatch.setattr(query.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert query._readers("sqlite:////tmp/x.db") == query.MAX_READERS
+    assert query._readers("postgresql+psycopg2://u@h/db") == query.MAX_READERS
+    monkeypatch.setattr(query.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert query._readers("mysql://u@h/db") == 2
+    assert query._readers("http://127.0.0.1:5000") == 1
+    assert query._readers("https://mlflow.example.org") == 1

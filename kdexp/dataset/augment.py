@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision import transforms as T
 
 from kdexp import choices
 from kdexp.errors import ConfigError
@@ -105,9 +104,13 @@ class CropFlip(Augment):
         return crop_flip(x, padding=self.padding, generator=generator)
 
     def transforms(self, image_size: int) -> list[Any]:
+        from torchvision import transforms as T
+
         return [T.RandomCrop(image_size, padding=self.padding), T.RandomHorizontalFlip()]
 
     def folder_transforms(self, image_size: int, resize: int) -> list[Any]:
+        from torchvision import transforms as T
+
         return [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
 
 
@@ -120,9 +123,13 @@ class Flip(Augment):
         return random_flip(x, generator=generator)
 
     def transforms(self, image_size: int) -> list[Any]:
+        from torchvision import transforms as T
+
         return [T.RandomHorizontalFlip()]
 
     def folder_transforms(self, image_size: int, resize: int) -> list[Any]:
+        from torchvision import transforms as T
+
         return [T.Resize(resize), T.CenterCrop(image_size), T.RandomHorizontalFlip()]
 
 
@@ -141,6 +148,8 @@ class Jitter(Augment):
         return jitter(x, max_shift=self.pixels, generator=generator)
 
     def transforms(self, image_size: int) -> list[Any]:
+        from torchvision import transforms as T
+
         return [T.RandomCrop(image_size, padding=self.pixels, padding_mode="edge")]
 
 
