@@ -218,3 +218,36 @@ def test_readers_one_per_core_for_a_database_one_for_a_server(monkeypatch) -> No
     assert query._readers("mysql://u@h/db") == 2
     assert query._readers("http://127.0.0.1:5000") == 1
     assert query._readers("https://mlflow.example.org") == 1
+
+
+def test_a_sqlite_store_indexes_tags_by_value_and_lookups_use_it(tmp_path: Path) -> None:
+    """prepare_store adds the (key, value) index once; SQLite plans MLflow's tag filter with it;
+    the lineage lookup finds the newest FINISHED run with the tag."""
+    import sqlite3
+
+    from kdexp.tracking.mlflow import MlflowTracker, mlflow_client
+    from kdexp.tracking.store import TAG_INDEX, index_tags, prepare_store
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    experiment = prepare_store(uri, "indexed")
+    client = mlflow_client(uri)
+    made = {}
+    for i, (lineage, status) in enumerate([("a", "FINISHED"), ("b", "FINISHED"), ("a", "FAILED")]):
+        run = client.create_run(experiment, tags={"kdexp.lineage": lineage}, start_time=1_000 + i)
+        client.set_terminated(run.info.run_id, status)
+        made[(lineage, status)] = run.info.run_id
+    with sqlite3.connect(db) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")]
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT run_uuid FROM tags WHERE key = ? AND value = ?",
+                ("kdexp.lineage", "a"),
+            )
+        )
+    assert names.count(TAG_INDEX) == 1 and TAG_INDEX in plan
+    tracker = MlflowTracker(uri, "indexed")
+    assert tracker.find_finished({"kdexp.lineage": "a"}) == made[("a", "FINISHED")]
+    assert tracker.find_finished({"kdexp.lineage": "c"}) is None
+    index_tags(str(tmp_path))  # not a database (a folder): left alone, no error
