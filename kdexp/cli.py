@@ -102,8 +102,9 @@ def entry() -> None:
 
     The exit status is the one :func:`main` (or Hydra) chose; see :func:`kdexp.timings.exit_now`.
     """
-    from kdexp.timings import exit_now
+    from kdexp.timings import defer_gc, exit_now
 
+    defer_gc()  # until the run is built (kdexp.run) or the sweep has started (SweepRun)
     try:
         main()
     except SystemExit as stop:

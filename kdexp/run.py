@@ -51,7 +51,7 @@ from kdexp.sweep import (
     stop_file,
     sweep_id,
 )
-from kdexp.timings import phase  # KDEXP_TIMINGS=1: phase times
+from kdexp.timings import phase, resume_gc  # KDEXP_TIMINGS=1: phase times
 from kdexp.tracking.base import Tracker
 from kdexp.tracking.spool import FILE_NAME as SPOOL_FILE
 from kdexp.train import FitResult, LoopOptions, evaluate, evaluate_only, fit
@@ -267,6 +267,7 @@ def _train(cfg: DictConfig, job: Job, built: _Built) -> RunResult:
         run_name.replace("/", "."), dict(flatten(cfg)), tags, resume_id=resume_id, spool=spool
     ):
         tracker.log_dataset(data, job.names["dataset"], cfg.dataset)
+        resume_gc()  # the run is built and tracked: its imports are done (kdexp.timings)
         if distributed.is_main():  # where to watch it, before the first epoch
             print(f"kdexp: {run_name}: started; logging to {tracker.describe()}", flush=True)
         try:

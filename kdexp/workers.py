@@ -22,11 +22,13 @@ except ImportError:  # pragma: no cover - hydra < 1.1
 
 log = logging.getLogger(__name__)
 
-#: What a job imports first that the launching process does not; the last entry makes the
-#: forkserver's own exit quick (:mod:`kdexp._forkserver`). What a job imports later (torch.export
-#: and mlflow.pyfunc for the logged model, about 1.5 s) is left to the workers, which import it
-#: side by side: preloading it too made the first jobs start 1.5 s later and the sweep no faster.
+#: What a job imports first that the launching process does not, after :mod:`kdexp._forkserver`
+#: (the collector off while the rest is imported; the forkserver's own exit quick). What a job
+#: imports later (torch.export and mlflow.pyfunc for the logged model, about 1.5 s) is left to the
+#: workers, which import it side by side: preloading it too made the first jobs start 1.5 s later
+#: and the sweep no faster.
 WORKER_PRELOAD = [
+    "kdexp._forkserver",
     "kdexp.cli",
     "kdexp.run",
     "kdexp.resume",
@@ -37,7 +39,6 @@ WORKER_PRELOAD = [
     "matplotlib.figure",
     "torch._dynamo",
     "torch.utils.flop_counter",
-    "kdexp._forkserver",
 ]
 #: torch reads them once, at import: the forkserver gets joblib's share of the cores per worker.
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

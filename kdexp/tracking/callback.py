@@ -61,7 +61,19 @@ class SweepRun(Callback):  # type: ignore[misc]
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Open the parent run (MLflow only); SIGINT and SIGTERM stop the sweep from now on."""
+        """Open the parent run (MLflow only); SIGINT and SIGTERM stop the sweep from now on.
+
+        The launching process's garbage collector, off since it started, is turned back on
+        (:func:`kdexp.timings.resume_gc`): a sweep may wait on its jobs for days.
+        """
+        from kdexp.timings import resume_gc
+
+        try:
+            self._open(config)
+        finally:
+            resume_gc()
+
+    def _open(self, config: DictConfig) -> None:
         from kdexp.search import sweep_tags
         from kdexp.stopping import install_sweep_handler
         from kdexp.sweep import SWEEP_FILE, sweep_id
