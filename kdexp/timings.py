@@ -89,11 +89,17 @@ def defer_gc() -> None:
 
 
 def resume_gc() -> None:
-    """After :func:`defer_gc`: freeze what exists out of the collector (the modules, classes and
-    functions live as long as the process; :func:`gc.freeze`) and turn it back on, so that it
-    goes through what the run makes from now on. Otherwise nothing."""
+    """After :func:`defer_gc`: collect once, freeze what is left out of the collector (the
+    modules, classes and functions live as long as the process; :func:`gc.freeze`) and turn it
+    back on, so that it goes through what the run makes from now on. Otherwise nothing.
+
+    The one collection (about 0.3 s) frees the garbage made meanwhile: frozen, it would never be
+    freed, nor what it holds (an MLflow artifact repository's thread pool kept the process from
+    its quick exit, and the default job's peak memory rose by 140 MB).
+    """
     global _gc_deferred
     if _gc_deferred:
+        gc.collect()
         gc.freeze()
         gc.enable()
         _gc_deferred = False
@@ -104,11 +110,20 @@ def exit_now(code: int) -> None:
 
     Interpreter finalization (tearing down thousands of torch, MLflow and SQLAlchemy modules one
     by one) is skipped; nothing of kdexp's is pending by then: the run closed FINISHED, every
-    record was sent, files are closed. Falls back to a normal exit when a non-daemon thread is
-    still alive (it would be killed), and when ``KDEXP_FAST_EXIT=0``.
+    record was sent, files are closed. A collection first frees what only the collector frees:
+    an idle thread pool left behind (MLflow's artifact uploads) then lets its workers end, and
+    they are given a second to. Falls back to a normal exit when a non-daemon thread is still
+    alive (it would be killed), and when ``KDEXP_FAST_EXIT=0``.
     """
+    if os.environ.get("KDEXP_FAST_EXIT", "1") == "0":
+        sys.exit(code)
+    gc.collect()
+    deadline = time.monotonic() + 1.0
     others = [t for t in threading.enumerate() if t is not threading.main_thread()]
-    if os.environ.get("KDEXP_FAST_EXIT", "1") == "0" or any(not t.daemon for t in others):
+    for thread in others:
+        if not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in others):
         sys.exit(code)
     atexit._run_exitfuncs()  # logging.shutdown, the report above, any library's handlers
     for stream in (sys.stdout, sys.stderr):
