@@ -251,3 +251,56 @@ def test_a_sqlite_store_indexes_tags_by_value_and_lookups_use_it(tmp_path: Path)
     assert tracker.find_finished({"kdexp.lineage": "a"}) == made[("a", "FINISHED")]
     assert tracker.find_finished({"kdexp.lineage": "c"}) is None
     index_tags(str(tmp_path))  # not a database (a folder): left alone, no error
+
+
+GC_PROBE = """
+import gc, sys, weakref
+import kdexp.run, kdexp.cli  # importing kdexp as a library leaves the collector alone
+from kdexp import timings
+print(gc.isenabled())
+timings.resume_gc()  # no defer_gc before: nothing happens
+print(gc.isenabled(), gc.get_freeze_count() == 0)
+timings.defer_gc()
+print(gc.isenabled())
+
+class Node:
+    pass
+
+made = Node()
+made.self = made  # a cycle: only the collector frees it
+alive = weakref.ref(made)
+del made
+timings.resume_gc()
+print(gc.isenabled(), gc.get_freeze_count() > 100_000, alive() is None)
+"""
+
+
+def test_the_collector_is_deferred_only_when_asked_and_garbage_is_freed_before_freezing() -> None:
+    done = subprocess.run([sys.executable, "-c", GC_PROBE], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "True", "False", "True", "True", "True"]
+
+
+def test_exit_now_lets_an_idle_thread_pool_in_a_cycle_end_and_exits_at_once() -> None:
+    """A thread pool reachable only through a cycle keeps a non-daemon worker thread alive until
+    the collector frees it; exit_now collects, the worker ends, and the process still skips the
+    interpreter's teardown (a module-level object's __del__ never runs)."""
+    code = (
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from kdexp.timings import exit_now\n"
+        "class Holder:\n"
+        "    pass\n"
+        "class Teardown:\n"
+        "    def __del__(self):\n"
+        "        print('teardown', flush=True)\n"
+        "marker = Teardown()\n"
+        "holder = Holder()\n"
+        "holder.pool = ThreadPoolExecutor(1)\n"
+        "holder.self = holder\n"
+        "print(holder.pool.submit(lambda: 'work done').result(), flush=True)\n"
+        "del holder\n"
+        "exit_now(4)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 4, done.stderr
+    assert done.stdout.split() == ["work", "done"]  # no "teardown": the quick exit was taken

@@ -21,10 +21,10 @@ from hydra.utils import instantiate
 from joblib import Parallel, cpu_count, delayed
 
 def probe(names):
-    import sys
+    import gc, sys
     preloaded = [name for name in names if name in sys.modules]
     import torch
-    return preloaded, torch.get_num_threads()
+    return preloaded, torch.get_num_threads(), gc.isenabled()
 
 # the sweep's config as the kdexp command composes it, and the callback it names
 with initialize_config_module(config_module="kdexp.conf", version_base="1.3"):
@@ -46,9 +46,10 @@ def test_joblib_workers_start_with_the_jobs_modules_and_joblibs_share_of_threads
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    for preloaded, threads in result["found"]:
+    for preloaded, threads, collecting in result["found"]:
         assert preloaded == names  # imported before the job's function ran
         assert threads == worker_threads(2, result["cores"])
+        assert collecting is False  # off, as in the forkserver, until a run is built
     assert result["torch_here"] is False  # only the forkserver and its workers imported torch
 
 
