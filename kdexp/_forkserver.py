@@ -2,7 +2,8 @@
 :data:`kdexp.workers.WORKER_PRELOAD`).
 
 The forkserver imports the rest of the list with the garbage collector off
-(:func:`kdexp.timings.defer_gc`: 0.7 s less of its 6 s of imports), and the workers it forks
+(:func:`kdexp.timings.defer_gc`; its passes over torch's, MLflow's and Hydra's objects take 0.7 s
+of their bare imports), and the workers it forks
 inherit that until their first run is built (:func:`kdexp.timings.resume_gc`), which freezes
 everything imported so far out of the collector. Without it, the full collection loky runs in a
 worker after its first job (to measure the worker's memory, with psutil installed) went through
