@@ -1,4 +1,5 @@
-"""Where a run's wall time goes: phase timings behind ``KDEXP_TIMINGS=1``, and the fast exit.
+"""Where a run's wall time goes: phase timings behind ``KDEXP_TIMINGS=1``, the garbage collector
+kept out of the start, and the fast exit.
 
 With ``KDEXP_TIMINGS=1`` in the environment, the phases of a run (imports, store, build, train,
 final evaluation, statistics, model logging, artifacts) are timed, and at exit one line
@@ -7,7 +8,8 @@ it. Without the variable :func:`phase` costs one dictionary lookup.
 
 :func:`exit_now` ends the ``kdexp`` process without tearing the interpreter down: with torch,
 MLflow and SQLAlchemy loaded, Python's module-by-module finalization takes longer than a small
-run's training (see the README's fixed-cost section).
+run's training (see the README's fixed-cost section). :func:`defer_gc` and :func:`resume_gc` keep
+Python's cyclic collector off while the process imports torch, MLflow and Hydra.
 """
 
 from __future__ import annotations
