@@ -110,33 +110,6 @@ def test_exit_now_runs_the_handlers_and_keeps_the_status(tmp_path: Path) -> None
     assert '"work":' in done.stderr and "kdexp-timings:" in done.stderr
 
 
-def test_load_runs_pages_through_the_store(tmp_path: Path, monkeypatch) -> None:
-    """Seven runs read three to a page: every run comes back once, with its params and tags;
-    a single status is filtered by the store."""
-    from mlflow.entities import Metric, Param
-
-    from kdexp.tracking import query
-    from kdexp.tracking.mlflow import mlflow_client, prepare_store
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment = prepare_store(uri, "paged")
-    client = mlflow_client(uri)
-    ids = {}
-    for i in range(7):
-        run = client.create_run(experiment, tags={"n": str(i)})
-        client.log_batch(
-            run.info.run_id, metrics=[Metric("test/acc1", i, 0, 0)], params=[Param("p", str(i))]
-        )
-        client.set_terminated(run.info.run_id, "FAILED" if i == 6 else "FINISHED")
-        ids[run.info.run_id] = i
-    monkeypatch.setattr(query, "PAGE_SIZE", 3)
-    found = query.load_runs(uri, "paged")
-    assert sorted(ids[r.run_id] for r in found) == list(range(6))  # FAILED left out
-    assert all(r.params["p"] == r.tags["n"] == str(ids[r.run_id]) for r in found)
-    both = query.load_runs(uri, "paged", statuses=("FINISHED", "FAILED"))
-    assert len(both) == 7 and not any(r.histories for r in both)
-
-
 def _store_of(tmp_path: Path, count: int) -> tuple[str, dict[str, int]]:
     """A store with ``count`` runs (the last one FAILED), each with a param, a tag and a metric."""
     from mlflow.entities import Metric, Param
@@ -155,6 +128,20 @@ def _store_of(tmp_path: Path, count: int) -> tuple[str, dict[str, int]]:
         client.set_terminated(run.info.run_id, "FAILED" if i == count - 1 else "FINISHED")
         ids[run.info.run_id] = i
     return uri, ids
+
+
+def test_load_runs_pages_through_the_store(tmp_path: Path, monkeypatch) -> None:
+    """Seven runs read three to a page: every run comes back once, with its params and tags;
+    a single status is filtered by the store."""
+    from kdexp.tracking import query
+
+    uri, ids = _store_of(tmp_path, 7)
+    monkeypatch.setattr(query, "PAGE_SIZE", 3)
+    found = query.load_runs(uri, "paged")
+    assert sorted(ids[r.run_id] for r in found) == list(range(6))  # FAILED left out
+    assert all(r.params["p"] == r.tags["n"] == str(ids[r.run_id]) for r in found)
+    both = query.load_runs(uri, "paged", statuses=("FINISHED", "FAILED"))
+    assert len(both) == 7 and not any(r.histories for r in both)
 
 
 def test_a_large_store_is_read_by_several_processes_with_the_same_result(
