@@ -51,7 +51,8 @@ def baseline_config(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
     a pruning or quantization run fine-tunes briefly, its dense start needs a full schedule), else
     with ``cfg.schedule``.
     """
-    dropped = ("teacher", "pretrain_schedule", "pretrain_dataset")
+    # ``arm`` labels a preset's own runs: a start trained for one of them is not that arm
+    dropped = ("teacher", "pretrain_schedule", "pretrain_dataset", "arm")
     sub = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k not in dropped])
     with open_dict(sub):
         if "pretrain_schedule" in cfg:

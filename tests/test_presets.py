@@ -14,6 +14,7 @@ from kdexp.errors import ConfigError
 from kdexp.keys import accepted_keys, check_keys
 from kdexp.method.base import RUNTIME_ARGS, needs_of
 from kdexp.paper import mean_std, paper_rows, paper_table
+from kdexp.pretrained import baseline_config
 from kdexp.tracking.query import RunRecord
 from tests.conftest import CONF
 
@@ -85,6 +86,17 @@ def test_every_arm_composes_with_keys_its_method_takes(compose_cfg, arm: str) ->
     uses_teacher = needs_of(cfg.method).teacher
     assert ("teacher" in cfg) == uses_teacher  # a teacher only where the method distils
     check_keys(cfg.method, "method", RUNTIME_ARGS)
+
+
+def test_a_start_trained_for_an_arm_is_not_labelled_as_that_arm(compose_cfg) -> None:
+    # transfer_mnist's source run used to carry the fine-tuning arm's label, interpolated as
+    # "finetune_None_per_class" (its label budget is dropped): a start is no arm of the preset
+    cfg = compose_cfg("experiment=transfer_mnist")
+    assert cfg.arm == "finetune_5_per_class"
+    start = baseline_config(cfg, cfg.model)
+    assert "arm" not in start
+    assert start.method._target_ == "kdexp.method.baseline.Baseline"
+    assert start.paper == cfg.paper  # what describes the preset stays
 
 
 def _record(arm: str, seed: int, acc: float, citation: str = "Someone 2015") -> RunRecord:
