@@ -126,3 +126,29 @@ def test_quant_mnist_int8_ptq_and_qat_keep_fp32_accuracy(store: Path) -> None:
     for arm in ("ptq", "qat"):
         fp32, int8 = arms[arm]["test/acc1_fp32"], arms[arm]["test/acc1"]
         assert int8 >= fp32 - 0.5, (arm, fp32, int8)
+
+
+def test_transfer_mnist_fine_tuning_beats_scratch_at_5_labels_per_class(store: Path) -> None:
+    # One seed, one budget, the source at 5 of its 10 epochs: seed 0 measured 66.2% fine-tuned
+    # against 42.8% from scratch (the full preset, 5 seeds: 73.5 +- 3.3 against 44.2 +- 1.2).
+    _kdexp(
+        store,
+        "experiment=transfer_mnist",
+        "seed=0",
+        "dataset.train_limit=5",
+        "pretrain_schedule.epochs=5",
+    )
+    arms = _results(store, "transfer_mnist")
+    tuned, scratch = arms["finetune_5_per_class"], arms["baseline_5_per_class"]
+    assert tuned["test/acc1"] >= scratch["test/acc1"] + 10.0, (tuned, scratch)
+    # The source: a baseline on digits 0-4, trained for the fine-tuning arm, labelled as no arm
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("test")
+    assert experiment is not None
+    sources = [
+        run
+        for run in client.search_runs([experiment.experiment_id], "tags.`kdexp.trained_for` != ''")
+        if run.data.params.get("dataset.classes") == "[0, 1, 2, 3, 4]"
+    ]
+    assert len(sources) == 1 and "arm" not in sources[0].data.params
+    assert sources[0].data.metrics["test/acc1"] >= 95.0  # measured 97.8 on digits 0-4
