@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, run_cli
@@ -59,16 +60,21 @@ def _kdexp(store: Path, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def _results(store: Path, preset: str) -> dict[str, dict[str, float]]:
-    """Final metrics of each arm of ``preset``'s runs (the newest run per arm)."""
+def _search(store: Path, filter_string: str) -> list[Run]:
+    """The runs of the module's experiment that match ``filter_string``, oldest first."""
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("test")
     assert experiment is not None
+    return client.search_runs(
+        [experiment.experiment_id], filter_string, order_by=["attributes.start_time ASC"]
+    )
+
+
+def _results(store: Path, preset: str) -> dict[str, dict[str, float]]:
+    """Final metrics of each arm of ``preset``'s runs (the newest run per arm)."""
     found: dict[str, dict[str, float]] = {}
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.overrides LIKE '%experiment={preset}%' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"],
+    runs = _search(
+        store, f"tags.overrides LIKE '%experiment={preset}%' and attributes.status = 'FINISHED'"
     )
     for run in runs:
         if "arm" in run.data.params:  # not the sweep's parent run
@@ -142,12 +148,9 @@ def test_transfer_mnist_fine_tuning_beats_scratch_at_5_labels_per_class(store: P
     tuned, scratch = arms["finetune_5_per_class"], arms["baseline_5_per_class"]
     assert tuned["test/acc1"] >= scratch["test/acc1"] + 10.0, (tuned, scratch)
     # The source: a baseline on digits 0-4, trained for the fine-tuning arm, labelled as no arm
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("test")
-    assert experiment is not None
     sources = [
         run
-        for run in client.search_runs([experiment.experiment_id], "tags.`kdexp.trained_for` != ''")
+        for run in _search(store, "tags.`kdexp.trained_for` != ''")
         if run.data.params.get("dataset.classes") == "[0, 1, 2, 3, 4]"
     ]
     assert len(sources) == 1 and "arm" not in sources[0].data.params
