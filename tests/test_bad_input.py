@@ -153,7 +153,8 @@ def test_bad_input_through_the_cli_exits_2_with_no_folder_and_no_run(
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     override = override.format(empty=empty)
-    done = run_cli(["method=baseline", override, *tracking_overrides(tmp_path)], cwd=tmp_path)
+    store = tracking_overrides(tmp_path, created=False)  # the test: no store is made
+    done = run_cli(["method=baseline", override, *store], cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     key = override.split("=")[0]
     assert f"kdexp: error: {key}=" in done.stderr and "Traceback" not in done.stderr

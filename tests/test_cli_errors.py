@@ -128,7 +128,7 @@ def test_a_hydra_error_is_a_config_error() -> None:
     ],
 )
 def test_the_cli_exits_2_and_leaves_nothing(tmp_path: Path, args: list[str], says: str) -> None:
-    done = run_cli([*args, *tracking_overrides(tmp_path)], cwd=tmp_path, timeout=120)
+    done = run_cli([*args, *tracking_overrides(tmp_path, created=False)], cwd=tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert says in done.stderr
     assert "Traceback" not in done.stderr

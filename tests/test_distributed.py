@@ -246,7 +246,7 @@ def test_method_that_cannot_train_alike_on_every_rank_is_refused(
 
     from kdexp.run import Job, execute
 
-    cfg = compose_cfg("method=prune/sensitivity", *tracking_overrides(tmp_path))
+    cfg = compose_cfg("method=prune/sensitivity", *tracking_overrides(tmp_path, created=False))
     monkeypatch.setattr(distributed, "_active", distributed.Context(1, 2, 1))
     with pytest.raises(ConfigError, match=r"method='prune/sensitivity': .*torchrun"):
         execute(cfg, Job({"method": "prune/sensitivity"}, tmp_path / "run"))

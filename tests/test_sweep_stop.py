@@ -170,7 +170,8 @@ def test_preempted_submitit_job_is_requeued_and_finishes_in_the_same_run(tmp_pat
 
 @pytest.mark.slow
 def test_a_job_that_does_not_compose_leaves_no_parent_run_running(tmp_path: Path) -> None:
-    args = ["-m", "method=baseline,prune/no_such_method", *TINY[1:], *tracking_overrides(tmp_path)]
+    store = tracking_overrides(tmp_path, created=False)  # the test: no store is made
+    args = ["-m", "method=baseline,prune/no_such_method", *TINY[1:], *store]
     done = run_cli(args, cwd=tmp_path)
     # The command line is checked before the sweep starts (kdexp.preflight): no parent run is
     # opened, no job runs, nothing is left RUNNING or written.
