@@ -57,6 +57,7 @@ def app(cfg: DictConfig) -> float | list[float] | None:
     from kdexp.resume import Interrupted
     from kdexp.run import run  # imported here so that `kdexp --help` stays fast
 
+    timings.freeze_imports()
     timings.mark_started()
     whole_lines(sys.__stdout__, sys.__stderr__)  # also in a parallel launcher's workers
 

