@@ -2,11 +2,78 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+
+#: How long a drawing child may take before it is stopped and the drawing done in process.
+ASIDE_TIMEOUT_S = 60.0
+
+
+def draw_aside(draw: Callable[[Path], Path], path: Path) -> Callable[[], Path]:
+    """Start ``draw(path)`` in a child process forked from this one; the function returned waits
+    for it and gives ``path``.
+
+    A run's learning curves are drawn so while it logs its model: importing matplotlib and
+    drawing take about 0.6 s of one core, logging the model as long (``bench/fixed_cost.py``). The
+    child only draws, into a temporary file renamed to ``path`` when complete, and ends at once
+    (``os._exit``): it touches no store, device or file of this process, and a stop signal ends
+    it. On Linux only (macOS forbids much of its system libraries after a fork). Elsewhere, when
+    the fork fails, or when the child ends without the file or is still drawing after
+    :data:`ASIDE_TIMEOUT_S` (then it is killed), ``draw`` runs in this process when waited for,
+    so that an error in it is raised here.
+    """
+    path.unlink(missing_ok=True)
+    pid = -1
+    if sys.platform == "linux":
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+            stream.flush()
+        try:
+            with warnings.catch_warnings():  # Python 3.12+ warns of fork with threads running
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except OSError:
+            pid = -1
+    if pid == 0:  # the child
+        status = 1
+        try:
+            for stop in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(stop, signal.SIG_DFL)
+            temporary = path.with_name(f".{os.getpid()}.{path.name}")  # keeps its suffix
+            os.replace(draw(temporary), path)
+            status = 0
+        finally:
+            os._exit(status)
+
+    def wait() -> Path:
+        if pid > 0 and _reaped(pid, time.monotonic() + ASIDE_TIMEOUT_S) and path.is_file():
+            return path
+        return draw(path)
+
+    return wait
+
+
+def _reaped(pid: int, deadline: float) -> bool:
+    """Wait for child ``pid`` to end until ``deadline``; past it, kill it. Whether it ended."""
+    try:
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                return True
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped by someone else (SIGCHLD ignored): the file tells
+        return True
+    return False
 
 
 def _figure(figsize: tuple[float, float]) -> Figure:

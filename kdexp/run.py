@@ -9,8 +9,9 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,7 +37,7 @@ from kdexp.lineage import LINEAGE_TAG, lineage_key
 from kdexp.method.base import RUNTIME_ARGS, Method, Needs, needs_of
 from kdexp.naming import name_run
 from kdexp.pipeline import run_pipeline
-from kdexp.plots import learning_curves
+from kdexp.plots import draw_aside, learning_curves
 from kdexp.pretrained import Weights
 from kdexp.pretrained import resolve as resolve_trained
 from kdexp.resume import Interrupted, raise_if_stopped, stop_signals
@@ -338,13 +339,16 @@ def _finish(
     tracker.log_summary(final, result.steps)  # at step 0: the UI draws them as bars
     tracker.flush()
     raise_if_stopped(result.steps, last)
+    curves = draw_aside(  # in a child process, while this one logs the model
+        partial(learning_curves, result.history), job.out_dir / "learning_curves.png"
+    )
     if not (resume_id and tracker.run_tag(resume_id, MODEL_LOGGED_TAG, "resume") == "true"):
         tracker.log_model(model, _input_example(data.test))
         tracker.set_tags({MODEL_LOGGED_TAG: "true"})
     raise_if_stopped(result.steps, last)
     if OmegaConf.select(cfg, "export_onnx", default=False):
         log_onnx(tracker, model, _input_example(data.test), job.out_dir, result.steps)
-    _log_artifacts(tracker, cfg, job.out_dir, result.history)
+    _log_artifacts(tracker, cfg, job.out_dir, curves)
     for path in method.artifacts(job.out_dir / "method"):
         tracker.log_artifact(path, "method")
     return final
@@ -544,7 +548,7 @@ def _hydra_tags() -> dict[str, str]:
 
 @phase("artifacts")
 def _log_artifacts(
-    tracker: Tracker, cfg: DictConfig, out_dir: Path, history: list[dict[str, float]]
+    tracker: Tracker, cfg: DictConfig, out_dir: Path, curves: Callable[[], Path]
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = out_dir / "config_resolved.yaml"
@@ -555,4 +559,4 @@ def _log_artifacts(
     for name in ("best.pt", "final.pt"):
         if (out_dir / "checkpoints" / name).is_file():
             tracker.log_artifact(out_dir / "checkpoints" / name, "checkpoints")
-    tracker.log_artifact(learning_curves(history, out_dir / "learning_curves.png"))
+    tracker.log_artifact(curves())  # the learning curves, drawn aside (_finish)

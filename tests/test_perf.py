@@ -298,3 +298,73 @@ def test_exit_now_lets_an_idle_thread_pool_in_a_cycle_end_and_exits_at_once() ->
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 4, done.stderr
     assert done.stdout.split() == ["work", "done"]  # no "teardown": the quick exit was taken
+
+
+ASIDE_PROBE = """
+import os, sys
+from functools import partial
+from pathlib import Path
+from kdexp.plots import draw_aside, learning_curves
+
+history = [{"epoch": e, "val/acc1": 50.0 + e, "val/loss": 1.0 / (e + 1)} for e in range(3)]
+path = Path(sys.argv[1])
+path.write_text("a stale file")
+wait = draw_aside(partial(learning_curves, history), path)
+print(wait() == path, path.read_bytes()[:4] == b"\\x89PNG")
+print("matplotlib" in sys.modules, sorted(p.name for p in path.parent.iterdir()))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="drawn aside on Linux only")
+def test_learning_curves_are_drawn_in_a_child_and_the_file_appears_whole(tmp_path: Path) -> None:
+    """The curves are drawn in a forked child: this process never imports matplotlib, the stale
+    file is replaced, and only the finished PNG is left (no temporary file)."""
+    done = subprocess.run(
+        [sys.executable, "-c", ASIDE_PROBE, str(tmp_path / "curves.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["True True", "False ['curves.png']"]
+
+
+def test_drawing_aside_falls_back_to_this_process(tmp_path: Path, monkeypatch) -> None:
+    """A child that fails, no fork (not Linux), a child that hangs: the drawing is done when
+    waited for, here, and an error in it is raised here."""
+    import os
+
+    from kdexp.plots import draw_aside
+
+    here = os.getpid()
+    drawn_in: list[int] = []
+
+    def only_here(path: Path) -> Path:
+        if os.getpid() != here:
+            raise RuntimeError("not in the child")  # the child ends without the file
+        drawn_in.append(os.getpid())
+        path.write_bytes(b"drawn")
+        return path
+
+    path = tmp_path / "p.png"
+    assert draw_aside(only_here, path)() == path and drawn_in == [here]
+    monkeypatch.setattr(sys, "platform", "darwin")  # not forked at all
+    path.unlink()
+    assert draw_aside(only_here, path)() == path and drawn_in == [here, here]
+    assert path.read_bytes() == b"drawn"
+    monkeypatch.undo()
+
+    def stuck(path: Path) -> Path:
+        if os.getpid() != here:
+            time.sleep(30)  # a child that hangs is killed at the deadline
+        return only_here(path)
+
+    monkeypatch.setattr("kdexp.plots.ASIDE_TIMEOUT_S", 0.5)
+    start = time.monotonic()
+    assert draw_aside(stuck, path)() == path and drawn_in == [here] * 3
+    assert time.monotonic() - start < 10
+
+    def broken(path: Path) -> Path:
+        raise ValueError("cannot draw")
+
+    with pytest.raises(ValueError, match="cannot draw"):
+        draw_aside(broken, path)()
