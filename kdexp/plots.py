@@ -48,18 +48,24 @@ def draw_aside(draw: Callable[[Path], Path], path: Path) -> Callable[[], Path]:
         try:
             for stop in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(stop, signal.SIG_DFL)
-            temporary = path.with_name(f".{os.getpid()}.{path.name}")  # keeps its suffix
-            os.replace(draw(temporary), path)
+            os.replace(draw(_temporary(path, os.getpid())), path)
             status = 0
         finally:
             os._exit(status)
 
     def wait() -> Path:
-        if pid > 0 and _reaped(pid, time.monotonic() + ASIDE_TIMEOUT_S) and path.is_file():
-            return path
+        if pid > 0:
+            if _reaped(pid, time.monotonic() + ASIDE_TIMEOUT_S) and path.is_file():
+                return path
+            _temporary(path, pid).unlink(missing_ok=True)  # what a failed or killed child left
         return draw(path)
 
     return wait
+
+
+def _temporary(path: Path, pid: int) -> Path:
+    """The file the child ``pid`` draws into, beside ``path`` and with its suffix."""
+    return path.with_name(f".{pid}.{path.name}")
 
 
 def _reaped(pid: int, deadline: float) -> bool:

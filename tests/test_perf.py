@@ -355,6 +355,7 @@ def test_drawing_aside_falls_back_to_this_process(tmp_path: Path, monkeypatch) -
 
     def stuck(path: Path) -> Path:
         if os.getpid() != here:
+            path.write_bytes(b"half")
             time.sleep(30)  # a child that hangs is killed at the deadline
         return only_here(path)
 
@@ -362,6 +363,8 @@ def test_drawing_aside_falls_back_to_this_process(tmp_path: Path, monkeypatch) -
     start = time.monotonic()
     assert draw_aside(stuck, path)() == path and drawn_in == [here] * 3
     assert time.monotonic() - start < 10
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]  # its half-drawn file removed
+    assert path.read_bytes() == b"drawn"
 
     def broken(path: Path) -> Path:
         raise ValueError("cannot draw")
