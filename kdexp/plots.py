@@ -30,9 +30,13 @@ def draw_aside(draw: Callable[[Path], Path], path: Path) -> Callable[[], Path]:
     it. On Linux only (macOS forbids much of its system libraries after a fork). Elsewhere, when
     the fork fails, or when the child ends without the file or is still drawing after
     :data:`ASIDE_TIMEOUT_S` (then it is killed), ``draw`` runs in this process when waited for,
-    so that an error in it is raised here.
+    so that an error in it is raised here. A temporary file that a child of an earlier, stopped
+    attempt left beside ``path`` (a resumed run draws into the same folder) is removed first.
     """
     path.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".*.{path.name}"):  # a child's of a run stopped mid-draw
+        if stale.name.split(".")[1].isdigit():
+            stale.unlink(missing_ok=True)
     pid = -1
     if sys.platform == "linux":
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice

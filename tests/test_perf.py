@@ -309,6 +309,8 @@ from kdexp.plots import draw_aside, learning_curves
 history = [{"epoch": e, "val/acc1": 50.0 + e, "val/loss": 1.0 / (e + 1)} for e in range(3)]
 path = Path(sys.argv[1])
 path.write_text("a stale file")
+(path.parent / f".4242.{path.name}").write_text("half drawn by a child of a stopped run")
+(path.parent / f".notes.{path.name}").write_text("not a child's")
 wait = draw_aside(partial(learning_curves, history), path)
 print(wait() == path, path.read_bytes()[:4] == b"\\x89PNG")
 print("matplotlib" in sys.modules, sorted(p.name for p in path.parent.iterdir()))
@@ -318,14 +320,15 @@ print("matplotlib" in sys.modules, sorted(p.name for p in path.parent.iterdir())
 @pytest.mark.skipif(sys.platform != "linux", reason="drawn aside on Linux only")
 def test_learning_curves_are_drawn_in_a_child_and_the_file_appears_whole(tmp_path: Path) -> None:
     """The curves are drawn in a forked child: this process never imports matplotlib, the stale
-    file is replaced, and only the finished PNG is left (no temporary file)."""
+    file is replaced, a temporary file left by the child of a stopped run is removed, and only the
+    finished PNG is left (no temporary file; another hidden file is kept)."""
     done = subprocess.run(
         [sys.executable, "-c", ASIDE_PROBE, str(tmp_path / "curves.png")],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["True True", "False ['curves.png']"]
+    assert done.stdout.split("\n")[:2] == ["True True", "False ['.notes.curves.png', 'curves.png']"]
 
 
 def test_drawing_aside_falls_back_to_this_process(tmp_path: Path, monkeypatch) -> None:
