@@ -34,7 +34,7 @@ def draw_aside(draw: Callable[[Path], Path], path: Path) -> Callable[[], Path]:
     attempt left beside ``path`` (a resumed run draws into the same folder) is removed first.
     """
     path.unlink(missing_ok=True)
-    for stale in path.parent.glob(f".*.{path.name}"):  # a child's of a run stopped mid-draw
+    for stale in path.parent.glob(_temporary(path, "*").name):  # a child's of a stopped run
         if stale.name.split(".")[1].isdigit():
             stale.unlink(missing_ok=True)
     pid = -1
@@ -67,8 +67,9 @@ def draw_aside(draw: Callable[[Path], Path], path: Path) -> Callable[[], Path]:
     return wait
 
 
-def _temporary(path: Path, pid: int) -> Path:
-    """The file the child ``pid`` draws into, beside ``path`` and with its suffix."""
+def _temporary(path: Path, pid: int | str) -> Path:
+    """The file the child ``pid`` draws into, beside ``path`` and with its suffix (``pid="*"``:
+    the pattern of all of them)."""
     return path.with_name(f".{pid}.{path.name}")
 
 
